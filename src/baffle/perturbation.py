@@ -1,0 +1,104 @@
+"""Seed-regenerated perturbation directions.
+
+The k-th direction of a round is a flat vector ε_k of length n (the number of trainable parameter
+entries, in ``named_parameters()`` order, each tensor in its logical row-major order). The client
+perturbs with δ_k = σ·ε_k and the server regenerates the same ε_k from the round seed alone, so the
+directions never travel over the wire.
+
+The stream is defined in chunks of ``CHUNK_SIZE`` numbers: chunk j of direction k is drawn from a
+fresh CPU ``torch.Generator`` (mt19937) seeded with ``derive_seed(seed, k, j)``. Numbers are always
+generated on the CPU in float32 and only then copied to the parameters' device and dtype, which makes
+ε_k bit-identical in every process and on every device. Chunking lets several threads generate one
+direction at once without changing a single bit of it. No global RNG state is touched.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+CHUNK_SIZE = 1 << 16
+DISTRIBUTIONS = ("gaussian", "rademacher")
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """One step of the SplitMix64 finaliser (a bijective 64-bit mixer)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(*words: int) -> int:
+    """Mix integers into one non-negative 63-bit seed (order matters; equal inputs, equal output)."""
+    h = 0x243F6A8885A308D3
+    for w in words:
+        if not isinstance(w, int) or isinstance(w, bool):
+            raise TypeError(f"derive_seed takes ints, got {type(w).__name__}")
+        h = _splitmix64(h ^ (w & _MASK64))
+    return h >> 1
+
+
+def check_distribution(distribution: str) -> str:
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown perturbation distribution {distribution!r}; use one of {DISTRIBUTIONS}")
+    return distribution
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters that get perturbed: those with ``requires_grad`` (never buffers)."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def num_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for _, p in trainable_parameters(model))
+
+
+def fill_direction(
+    out: torch.Tensor,
+    seed: int,
+    k: int,
+    *,
+    distribution: str = "gaussian",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Write ε_k of round ``seed`` into ``out`` (a contiguous float32 CPU vector of length n)."""
+    if out.dtype != torch.float32 or out.device.type != "cpu" or out.dim() != 1:
+        raise ValueError("fill_direction needs a 1-D float32 CPU buffer")
+    g = torch.Generator() if generator is None else generator
+    n = out.numel()
+    for j, start in enumerate(range(0, n, CHUNK_SIZE)):
+        part = out[start : start + CHUNK_SIZE]
+        g.manual_seed(derive_seed(seed, k, j))
+        if distribution == "gaussian":
+            part.normal_(generator=g)
+        elif distribution == "rademacher":
+            part.bernoulli_(0.5, generator=g).mul_(2.0).sub_(1.0)
+        else:
+            check_distribution(distribution)
+    return out
+
+
+def direction(n: int, seed: int, k: int, *, distribution: str = "gaussian") -> torch.Tensor:
+    """ε_k as a new float32 CPU tensor of length ``n``."""
+    return fill_direction(torch.empty(n, dtype=torch.float32), seed, k, distribution=distribution)
+
+
+def directions(
+    n: int, seed: int, count: int, *, distribution: str = "gaussian"
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (k, ε_k) for k = 0..count-1, reusing one buffer (copy it if you keep it)."""
+    buf = torch.empty(n, dtype=torch.float32)
+    g = torch.Generator()
+    for k in range(count):
+        yield k, fill_direction(buf, seed, k, distribution=distribution, generator=g)
+
+
+def split_like(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of ``flat`` shaped like each tensor of ``params`` (logical row-major order)."""
+    sizes = [p.numel() for p in params]
+    if flat.numel() != sum(sizes):
+        raise ValueError(f"flat vector has {flat.numel()} entries, parameters have {sum(sizes)}")
+    return [chunk.view(p.shape) for chunk, p in zip(flat.split(sizes), params)]
