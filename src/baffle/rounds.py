@@ -110,7 +110,7 @@ def bp_gradient(model: nn.Module, batch: Batch, loss_fn: LossFn) -> tuple[dict[s
     x, y = batch
     loss = loss_fn(model(x), y)
     grads = torch.autograd.grad(loss, [p for _, p in named])
-    return {name: g for (name, _), g in zip(named, grads)}, float(loss)
+    return {name: g for (name, _), g in zip(named, grads)}, float(loss.detach())
 
 
 def bp_fedsgd_server_update(state: ServerState, client_grads: Sequence[tuple[dict, int]]) -> None:

@@ -132,8 +132,11 @@ class Simulation:
     def __init__(self, config: TrainConfig):
         self.config = config
         data = load_dataset(config.dataset, config.data_dir, image_size=config.image_size)
-        part = partition_indices(data.train_targets, config.clients, config.partition, seed=config.seed,
-                                 val_fraction=config.val_fraction, num_classes=data.num_classes)
+        try:
+            part = partition_indices(data.train_targets, config.clients, config.partition, seed=config.seed,
+                                     val_fraction=config.val_fraction, num_classes=data.num_classes)
+        except ValueError as e:
+            raise ValueError(f"--clients {config.clients} / --partition {config.partition}: {e}") from None
         self.data, self.validation = data, torch.from_numpy(np.asarray(part.validation, dtype=np.int64))
         self.shards = ClientShards(data.train_inputs, data.train_targets, part.clients, config.seed)
         self.model = build_run_model(config, data)
