@@ -13,7 +13,7 @@ README = (REPO / "README.md").read_text()
 
 def test_readme_python_example_trains_a_user_module():
     code = re.search(r"```python\n(.*?)```", README, re.S).group(1)
-    assert len(code.strip().splitlines()) <= 20
+    assert len(code.strip().splitlines()) <= 15
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         exec(compile(code, "README.md", "exec"), {})
