@@ -13,7 +13,7 @@ import torch
 from baffle.cli import main
 from conftest import REPO
 
-TINY = ["--rounds", "6", "--num-perturbations", "10", "--clients", "4", "--batch-size", "16", "--hidden", "16",
+TINY = ["--rounds", "6", "--num-perturbations", "10", "--clients", "4", "--batch-size", "64", "--hidden", "16",
         "--eval-every", "2", "--no-progress"]
 
 
@@ -58,7 +58,7 @@ def test_resume_continues_bit_identically(tmp_path):
 
 
 def test_resume_after_sigkill_ends_with_the_same_model(tmp_path):
-    args = ["--rounds", "400", "--num-perturbations", "20", "--clients", "4", "--batch-size", "16",
+    args = ["--rounds", "150", "--num-perturbations", "20", "--clients", "4", "--batch-size", "16",
             "--hidden", "16", "--eval-every", "5", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     killed = tmp_path / "killed"
@@ -67,7 +67,7 @@ def test_resume_after_sigkill_ends_with_the_same_model(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         metrics = killed / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:  # rounds 0, 5, 10 done
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
