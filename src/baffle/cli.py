@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     for name in FIELDS:
         train.add_argument(flag(name), dest=name, default=argparse.SUPPRESS, metavar="V", help=HELP[name])
+    from baffle.flower.cli import add_deploy_parser  # imports neither flwr nor torch
+
+    add_deploy_parser(sub)
     return parser
 
 
@@ -74,6 +77,13 @@ def _train(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from baffle._alloc import tune_malloc
+
+    tune_malloc()  # keep the forward pass's scratch buffers instead of page-faulting them back each time
+    if args.command == "deploy":
+        from baffle.flower.cli import run_deploy
+
+        return run_deploy(args)
     try:
         return _train(args)
     except ValueError as e:

@@ -73,7 +73,32 @@ def compute_loss_diffs(
     forward/twice-fd: ΔL_k = L(W+σε_k) − L(W); central: ΔL_k = L(W+σε_k) − L(W−σε_k), where L is the
     example-weighted mean of ``loss_fn`` over the batches. With ``return_loss`` also returns L(W)
     (central: the mean of all perturbed losses, an O(σ²)-accurate proxy).
+
+    Runs the sequential engine of ``baffle.fast`` (one reused work vector, noise regenerated chunk by
+    chunk from the seed); the result is bit-identical to ``plain_loss_diffs``.
     """
+    from baffle.fast import FastOptions, loss_diffs  # baffle.fast builds on this module's helpers
+
+    check_distribution(distribution)
+    diffs, loss = loss_diffs(model, batch, loss_fn=loss_fn, seed=seed, num_perturbations=num_perturbations,
+                             sigma=sigma, scheme=scheme, distribution=distribution,
+                             options=FastOptions(mode="sequential"))
+    return (diffs, loss) if return_loss else diffs
+
+
+def plain_loss_diffs(
+    model: nn.Module,
+    batch: Batch | Sequence[Batch],
+    *,
+    loss_fn: LossFn,
+    seed: int,
+    num_perturbations: int,
+    sigma: float,
+    scheme: str = "forward",
+    distribution: str = "gaussian",
+) -> tuple[torch.Tensor, float]:
+    """Reference loop for (ΔL, L(W)): one whole ε_k per k, per-parameter W ± σε_k written in place
+    and restored from a kept copy. Slow but obvious; the fast engines are tested against it."""
     check_estimator_args(num_perturbations, sigma, scheme)
     check_distribution(distribution)
     validate_model(model)
@@ -88,8 +113,7 @@ def compute_loss_diffs(
         finally:
             for p, w in zip(params, originals):
                 p.copy_(w)
-    diffs_t = torch.tensor(diffs, dtype=torch.float64)
-    return (diffs_t, loss) if return_loss else diffs_t
+    return torch.tensor(diffs, dtype=torch.float64), loss
 
 
 def _perturbed_losses(model, batches, loss_fn, params, originals, seed, count, sigma, scheme, distribution):

@@ -20,6 +20,7 @@ import math
 import torch
 
 from baffle.perturbation import directions
+from baffle.rebuild import combine_directions
 
 SCHEMES = ("forward", "central", "twice-fd")
 
@@ -84,7 +85,19 @@ def rebuild_flat_gradient(
     distribution: str = "gaussian",
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """ĝ (length n, CPU, ``dtype``) regenerated from the round seed; holds one ε_k at a time."""
+    """ĝ = Σ_k c_k ε_k (length n, CPU, ``dtype``) regenerated from the round seed chunk by chunk.
+
+    Uses ``baffle.rebuild.combine_directions`` (both cores, bit-identical to the one-thread loop
+    ``for k: ĝ += c_k ε_k``); holds one chunk of ε per thread, never a whole ε_k.
+    """
+    coeffs = stein_coefficients(loss_diffs.to(torch.float64), sigma, scheme).tolist()
+    return combine_directions(num_params, coeffs, seed=seed, distribution=distribution, dtype=dtype)
+
+
+def rebuild_flat_gradient_plain(num_params: int, loss_diffs: torch.Tensor, *, seed: int, sigma: float,
+                                scheme: str, distribution: str = "gaussian",
+                                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Reference loop for ``rebuild_flat_gradient``: one whole ε_k at a time, ĝ += c_k ε_k in k order."""
     coeffs = stein_coefficients(loss_diffs.to(torch.float64), sigma, scheme).tolist()
     grad = torch.zeros(num_params, dtype=dtype)
     for k, eps in directions(num_params, seed, len(coeffs), distribution=distribution):
@@ -99,6 +112,7 @@ __all__ = [
     "forward_passes",
     "num_directions",
     "rebuild_flat_gradient",
+    "rebuild_flat_gradient_plain",
     "stein_coefficients",
     "stein_gradient",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -56,6 +57,44 @@ def num_trainable(model: nn.Module) -> int:
     return sum(p.numel() for _, p in trainable_parameters(model))
 
 
+def chunk_ranges(n: int) -> list[tuple[int, int]]:
+    """[start, stop) of every chunk j of a length-n direction (the last one may be short)."""
+    return [(start, min(start + CHUNK_SIZE, n)) for start in range(0, n, CHUNK_SIZE)]
+
+
+def chunk_seeds(seed: int, k: int, num_chunks: int) -> list[int]:
+    """Sub-seeds derive_seed(seed, k, j) of the chunks j = 0..num_chunks-1 of direction k."""
+    return [derive_seed(seed, k, j) for j in range(num_chunks)]
+
+
+def chunk_seed_table(seed: int, count: int, num_chunks: int) -> list[list[int]]:
+    """table[k][j] = derive_seed(seed, k, j) for k < count, j < num_chunks (vectorised SplitMix64)."""
+    h = np.uint64(_splitmix64(0x243F6A8885A308D3 ^ (seed & _MASK64)))
+    with np.errstate(over="ignore"):
+        hk = _splitmix64_np(h ^ np.arange(count, dtype=np.uint64))
+        table = _splitmix64_np(hk[:, None] ^ np.arange(num_chunks, dtype=np.uint64)[None, :]) >> np.uint64(1)
+    return table.tolist()
+
+
+def _splitmix64_np(x: np.ndarray) -> np.ndarray:
+    """``_splitmix64`` on a uint64 array (multiplication wraps modulo 2^64, as the masks do)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def fill_chunk(part: torch.Tensor, chunk_seed: int, distribution: str, generator: torch.Generator) -> torch.Tensor:
+    """Draw one chunk of a direction into ``part`` (float32 CPU) from a generator reseeded with ``chunk_seed``."""
+    generator.manual_seed(chunk_seed)
+    if distribution == "gaussian":
+        return part.normal_(generator=generator)
+    if distribution == "rademacher":
+        return part.bernoulli_(0.5, generator=generator).mul_(2.0).sub_(1.0)
+    check_distribution(distribution)
+    raise AssertionError("unreachable")
+
+
 def fill_direction(
     out: torch.Tensor,
     seed: int,
@@ -67,17 +106,11 @@ def fill_direction(
     """Write ε_k of round ``seed`` into ``out`` (a contiguous float32 CPU vector of length n)."""
     if out.dtype != torch.float32 or out.device.type != "cpu" or out.dim() != 1:
         raise ValueError("fill_direction needs a 1-D float32 CPU buffer")
+    check_distribution(distribution)
     g = torch.Generator() if generator is None else generator
-    n = out.numel()
-    for j, start in enumerate(range(0, n, CHUNK_SIZE)):
-        part = out[start : start + CHUNK_SIZE]
-        g.manual_seed(derive_seed(seed, k, j))
-        if distribution == "gaussian":
-            part.normal_(generator=g)
-        elif distribution == "rademacher":
-            part.bernoulli_(0.5, generator=g).mul_(2.0).sub_(1.0)
-        else:
-            check_distribution(distribution)
+    ranges = chunk_ranges(out.numel())
+    for (start, stop), s in zip(ranges, chunk_seeds(seed, k, len(ranges))):
+        fill_chunk(out[start:stop], s, distribution, g)
     return out
 
 

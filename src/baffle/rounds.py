@@ -17,6 +17,7 @@ from torch import nn
 
 from baffle.client import Batch, LossFn, compute_loss_diffs
 from baffle.estimator import check_estimator_args, num_directions
+from baffle.fast import ClientEngine, FastOptions
 from baffle.perturbation import check_distribution, derive_seed, trainable_parameters
 from baffle.server import ClientReply, ServerState, aggregate_loss_diffs, average_state, rebuild_gradient_dict
 
@@ -56,12 +57,28 @@ def plan_round(base_seed: int, server_round: int, estimator: EstimatorSpec) -> R
     return RoundPlan(server_round, derive_seed(base_seed, server_round, _ROUND_TAG), estimator)
 
 
-def baffle_client_update(model: nn.Module, batches: Sequence[Batch], plan: RoundPlan, loss_fn: LossFn,
-                         client_id: int | str) -> ClientReply:
+RUNNER_CLIENT = FastOptions(mode="sequential", keep_rows=True)
+
+
+def client_engine(model: nn.Module, plan: RoundPlan, options: FastOptions = RUNNER_CLIENT) -> ClientEngine:
+    """The round's client computation, shared by its clients (build one per round: it reads the weights
+    as they are now). The default is bit-identical to ``compute_loss_diffs`` and, when all K+1 weight
+    vectors fit in its budget, generates them once per round instead of once per client."""
     e = plan.estimator
-    diffs, loss = compute_loss_diffs(model, list(batches), loss_fn=loss_fn, seed=plan.seed,
-                                     num_perturbations=e.num_perturbations, sigma=e.sigma, scheme=e.scheme,
-                                     distribution=e.distribution, return_loss=True)
+    return ClientEngine(model, seed=plan.seed, num_perturbations=e.num_perturbations, sigma=e.sigma,
+                        scheme=e.scheme, distribution=e.distribution, options=options)
+
+
+def baffle_client_update(model: nn.Module, batches: Sequence[Batch], plan: RoundPlan, loss_fn: LossFn,
+                         client_id: int | str, engine: ClientEngine | None = None) -> ClientReply:
+    """One client's reply; pass the round's ``client_engine`` to share its set-up across clients."""
+    e = plan.estimator
+    if engine is not None:
+        diffs, loss = engine.loss_diffs(list(batches), loss_fn)
+    else:
+        diffs, loss = compute_loss_diffs(model, list(batches), loss_fn=loss_fn, seed=plan.seed,
+                                         num_perturbations=e.num_perturbations, sigma=e.sigma, scheme=e.scheme,
+                                         distribution=e.distribution, return_loss=True)
     return ClientReply(client_id, diffs, sum(len(y) for _, y in batches), loss)
 
 

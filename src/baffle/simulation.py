@@ -57,6 +57,16 @@ class ClientShards:
         t = torch.from_numpy(idx)
         return self.inputs[t], self.targets[t]
 
+    def seek(self, cid: int, batches_taken: int, batch_size: int) -> None:
+        """Put client ``cid``'s cursor where ``batches_taken`` calls of ``next_batch`` leave it.
+
+        Lets a runner without per-client state between rounds (a Flower ClientApp) derive the
+        cursor from the round number instead of carrying it.
+        """
+        per_epoch = math.ceil(self.size(cid) / batch_size)
+        self.epoch[cid], pos = divmod(int(batches_taken), per_epoch)
+        self.cursor[cid] = pos * batch_size
+
     def epoch_batches(self, cid: int, batch_size: int, epochs: int) -> list[R.Batch]:
         per_epoch = math.ceil(self.size(cid) / batch_size)
         return [self.next_batch(cid, batch_size) for _ in range(per_epoch * epochs)]
@@ -84,6 +94,13 @@ def sample_clients(num_clients: int, fraction: float, seed: int, server_round: i
         return list(range(num_clients))
     rng = np.random.default_rng([seed, _SAMPLE_TAG, server_round])
     return sorted(int(c) for c in rng.choice(num_clients, size=m, replace=False))
+
+
+def rounds_sampled_before(num_clients: int, fraction: float, seed: int, cid: int, server_round: int) -> int:
+    """How many of the rounds 0..server_round-1 sampled client ``cid`` (as ``sample_clients`` does)."""
+    if max(1, round(fraction * num_clients)) >= num_clients:
+        return server_round
+    return sum(cid in sample_clients(num_clients, fraction, seed, t) for t in range(server_round))
 
 
 def rounds_per_epoch(config: TrainConfig, shards: ClientShards) -> int:
@@ -160,8 +177,9 @@ class Simulation:
 
     def _baffle_fedsgd(self, clients, plan) -> float:
         c = self.config
+        engine = R.client_engine(self.model, plan)  # one per round, shared by its clients
         replies = [R.baffle_client_update(self.model, [self.shards.next_batch(cid, c.batch_size)], plan,
-                                          cross_entropy, cid) for cid in clients]
+                                          cross_entropy, cid, engine) for cid in clients]
         R.baffle_server_update(self.server, replies, plan)
         self.counters.forward_passes += len(replies) * forward_passes(c.num_perturbations, c.scheme)
         self.counters.bytes_up += len(replies) * 8 * (self.estimator.num_directions + 2)
@@ -228,4 +246,4 @@ def _weighted_mean(pairs) -> float:
     return sum(v * n for v, n in pairs) / total
 
 
-__all__ = ["ClientShards", "Simulation", "evaluate", "sample_clients"]
+__all__ = ["ClientShards", "Simulation", "evaluate", "rounds_sampled_before", "sample_clients"]

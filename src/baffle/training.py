@@ -37,7 +37,7 @@ def saved_config(out: str | Path) -> dict:
     return load_checkpoint(out)["config"]
 
 
-def _check_fresh(out: Path) -> None:
+def check_fresh_out(out: Path) -> None:
     taken = [name for name in (CHECKPOINT, METRICS, SUMMARY, MODEL) if (out / name).exists()]
     if taken:
         raise ValueError(f"--out {out} already holds a run ({', '.join(taken)}); pass --resume to continue it "
@@ -58,7 +58,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     out = Path(config.out)
     ckpt = load_checkpoint(out) if resume else None
     if ckpt is None:
-        _check_fresh(out)
+        check_fresh_out(out)
     else:
         _check_compatible(config, ckpt["config"])
     sim = Simulation(config)  # validates data, partition and model before anything is written
@@ -71,21 +71,21 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     t0 = time.perf_counter()
     wall = lambda: wall0 + time.perf_counter() - t0  # noqa: E731
     if start == 0:
-        _record(sim, out, metrics, 0, {"clients": 0, "train_loss": None}, wall())
+        record_evaluation(sim, out, metrics, 0, {"clients": 0, "train_loss": None}, wall())
     bar = tqdm(total=sim.rounds, initial=start, desc="baffle", unit="round", disable=not progress,
                dynamic_ncols=True)
     for server_round in range(start, sim.rounds):
         info = sim.run_round(server_round)
         done = server_round + 1
         if done % sim.eval_every == 0 or done == sim.rounds:
-            rec = _record(sim, out, metrics, done, info, wall())
+            rec = record_evaluation(sim, out, metrics, done, info, wall())
             bar.set_postfix(loss=f"{info['train_loss']:.4f}", acc=f"{rec['test_accuracy']:.4f}")
         bar.update(1)
     bar.close()
-    return _finish(sim, out, metrics, wall())
+    return finish_run(sim, out, metrics, wall())
 
 
-def _record(sim: Simulation, out: Path, metrics: list, done: int, info: dict, wall_s: float) -> dict:
+def record_evaluation(sim: Simulation, out: Path, metrics: list, done: int, info: dict, wall_s: float) -> dict:
     """Evaluate, checkpoint atomically, then append the metrics line (resume rewrites it if cut off)."""
     rec = {"round": done, **sim.evaluate(), **info, **vars(sim.counters), "wall_s": wall_s,
            "lr": sim.server.optimizer.param_groups[0]["lr"]}
@@ -97,7 +97,7 @@ def _record(sim: Simulation, out: Path, metrics: list, done: int, info: dict, wa
     return rec
 
 
-def _finish(sim: Simulation, out: Path, metrics: list, wall_s: float) -> dict:
+def finish_run(sim: Simulation, out: Path, metrics: list, wall_s: float) -> dict:
     last = metrics[-1]
     save_torch(sim.server.eval_model().state_dict(), out / MODEL)
     summary = {

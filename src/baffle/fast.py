@@ -1,0 +1,249 @@
+"""Fast forward-only client engines: ΔL_k at (nearly) the cost of K+1 inference forwards.
+
+Both engines evaluate the same list of *slots* — the unperturbed weights W (forward schemes) and
+W ± σ·ε_k — and combine the losses exactly as the plain loop does:
+
+  forward / twice-fd   ΔL_k = L(W+σε_k) − L(W)          central   ΔL_k = L(W+σε_k) − L(W−σε_k)
+
+``sequential``  one reused work vector holds the current slot's weights; the model's parameters point
+                at it (``.data`` swap) and are put back afterwards. Extra memory: n numbers + one
+                noise chunk + inference activations. ΔL is bit-identical to the plain loop
+                (``baffle.client.plain_loss_diffs``) for the same seed, in the same memory format.
+``batched``     P slots at once with ``torch.func.vmap`` over ``torch.func.functional_call``. The
+                weights are bit-identical, but batched matmul kernels round differently, so each loss
+                differs from the plain one by float32 rounding (a few ulp of L; see tests).
+``auto``        batched for fully connected models with a vmap-safe loss (where one slot's forward
+                is too small to fill the cores), sequential otherwise (conv nets on CPU: measured).
+
+Slots per batched call: P = budget / (bytes of one slot's weights + activations, probed once per
+input shape with forward hooks), chosen from the model and batch shapes alone, so a run's results
+never depend on timing.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from baffle._perturb import Perturber, swapped_data
+from baffle.client import Batch, LossFn, as_batches, mean_loss, validate_model
+from baffle.estimator import check_estimator_args, num_directions
+from baffle.perturbation import trainable_parameters
+
+MODES = ("auto", "sequential", "batched")
+MEMORY_FORMATS = (None, "channels_last")
+VMAP_SAFE_LOSSES = (F.cross_entropy, F.mse_loss, F.nll_loss)
+_DENSE_LEAVES = (nn.Linear, nn.Flatten, nn.Identity, nn.GroupNorm, nn.LayerNorm, nn.Dropout, nn.Hardswish,
+                 nn.ReLU, nn.SELU, nn.GELU, nn.SiLU, nn.Tanh, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Softplus)
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    """Engine choice: ``mode`` in MODES; ``memory_format`` None (keep) or "channels_last" (4-D
+    weights and inputs; results then follow channels_last kernels); ``budget_bytes`` bounds one
+    batched call's weights + activations; ``max_slots`` caps P; ``keep_rows`` keeps every slot's
+    weights (when S·n numbers fit in ``budget_bytes``) for the engine's next client: a runner whose
+    clients share a round seed then regenerates no noise after the first client."""
+
+    mode: str = "auto"
+    memory_format: str | None = None
+    budget_bytes: int = 16 << 20
+    max_slots: int = 512
+    keep_rows: bool = False
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown client mode {self.mode!r}; use one of {MODES}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"unknown memory_format {self.memory_format!r}; use one of {MEMORY_FORMATS}")
+
+
+def scheme_slots(scheme: str, count: int) -> list[tuple[int | None, float]]:
+    """Evaluation order: (None, 0) is W; (k, s) is W + s·σ·ε_k."""
+    if scheme == "central":
+        return [(k, s) for k in range(count) for s in (1.0, -1.0)]
+    return [(None, 0.0)] + [(k, 1.0) for k in range(count)]
+
+
+def assemble(scheme: str, losses: Sequence[float]) -> tuple[list[float], float]:
+    """ΔL and L(W) from slot losses, in the plain loop's arithmetic order (central: mean of all)."""
+    if scheme != "central":
+        base = losses[0]
+        return [plus - base for plus in losses[1:]], base
+    diffs, sums = [], 0.0
+    for plus, minus in zip(losses[0::2], losses[1::2]):
+        diffs.append(plus - minus)
+        sums += plus + minus
+    return diffs, sums / len(losses)
+
+
+def is_dense(model: nn.Module) -> bool:
+    """True when every leaf module is fully connected / elementwise (no conv, no recurrence)."""
+    leaves = [m for m in model.modules() if not list(m.children())]
+    return all(isinstance(m, _DENSE_LEAVES) for m in leaves)
+
+
+def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of all leaf-module outputs of one forward on ``x`` (a probe with forward hooks)."""
+    total = 0
+
+    def hook(_module, _inputs, output):
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel() * output.element_size()
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+class ClientEngine:
+    """One round's client computation for a fixed model, seed and estimator, reusable across clients.
+
+    The model's weights must not change while the engine is in use (the runner builds one per round).
+    """
+
+    def __init__(self, model: nn.Module, *, seed: int, num_perturbations: int, sigma: float,
+                 scheme: str = "forward", distribution: str = "gaussian", options: FastOptions = FastOptions()):
+        check_estimator_args(num_perturbations, sigma, scheme)
+        validate_model(model)
+        self.model, self.scheme, self.options = model, scheme, options
+        named = trainable_parameters(model)
+        if not named:
+            raise ValueError("model has no trainable parameters to perturb")
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        self.perturber = Perturber(self.params, seed=seed, sigma=sigma, distribution=distribution)
+        self.slots = scheme_slots(scheme, num_directions(num_perturbations, scheme))
+        self._rows: torch.Tensor | None = None  # every slot's weights (keep_rows)
+        self._act_bytes: dict[tuple, int] = {}  # activation probe per input shape
+
+    def mode_for(self, batches: list[Batch], loss_fn: LossFn) -> str:
+        mode = self.options.mode
+        if mode == "auto":
+            dense = is_dense(self.model) and loss_fn in VMAP_SAFE_LOSSES
+            mode = "batched" if dense and self.group_size(batches) >= 4 else "sequential"
+        return mode
+
+    def group_size(self, batches: list[Batch]) -> int:
+        """P = clamp(budget // (weight bytes + activation bytes of one slot), 1, min(max_slots, slots))."""
+        x = max((x for x, _ in batches), key=len)
+        key = tuple(x.shape)
+        if key not in self._act_bytes:
+            self._act_bytes[key] = activation_bytes(self.model, x)
+        per = self.perturber.n * self.params[0].element_size() + self._act_bytes[key]
+        return max(1, min(self.options.budget_bytes // per, self.options.max_slots, len(self.slots)))
+
+    def loss_diffs(self, batch: Batch | Sequence[Batch], loss_fn: LossFn) -> tuple[torch.Tensor, float]:
+        """(ΔL as a float64 CPU vector, L(W)) on this client's batches."""
+        batches = as_batches(batch)
+        with torch.no_grad():
+            if self.mode_for(batches, loss_fn) == "batched":
+                losses = self._batched(batches, loss_fn)
+            else:
+                losses = self._sequential(batches, loss_fn)
+        diffs, loss = assemble(self.scheme, losses)
+        return torch.tensor(diffs, dtype=torch.float64), loss
+
+    def _write(self, row: torch.Tensor, slot: tuple[int | None, float], plan=None) -> None:
+        k, sign = slot
+        if k is None:
+            self.perturber.write_base(row)
+        else:
+            self.perturber.write(row, k, sign, plan)
+
+    def _all_rows(self) -> torch.Tensor | None:
+        """Every slot's weights as an (S, n) block, built once and kept (``keep_rows``), if it fits."""
+        p = self.perturber
+        fits = len(self.slots) * p.n * self.params[0].element_size() <= self.options.budget_bytes
+        if not (self.options.keep_rows and fits):
+            return None
+        if self._rows is None:
+            self._rows = torch.empty(len(self.slots), p.n, dtype=p.dtype, device=p.device)
+            for row, slot in zip(self._rows, self.slots):
+                self._write(row, slot)
+        return self._rows
+
+    def _sequential(self, batches: list[Batch], loss_fn: LossFn) -> list[float]:
+        shapes = [q.shape for q in self.params]
+        rows = None if self.options.memory_format else self._all_rows()
+        if rows is not None:  # kept rows: point the parameters at each row in turn (no copy)
+            losses = []
+            for row in rows:
+                with swapped_data(self.params, self.perturber.views(row, shapes)):
+                    losses.append(mean_loss(self.model, batches, loss_fn))
+            return losses
+        work = torch.empty(self.perturber.n, dtype=self.perturber.dtype, device=self.perturber.device)
+        views = self.perturber.views(work, shapes)
+        cl = self.options.memory_format == "channels_last"
+        compute = [torch.empty_like(v, memory_format=torch.channels_last) if cl and v.dim() == 4 else v
+                   for v in views]
+        copies = [(c, v) for c, v in zip(compute, views) if c is not v]
+        if cl:
+            batches = [(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x, y)
+                       for x, y in batches]
+        losses, plan = [], self.perturber.bind(work)
+        with swapped_data(self.params, compute):
+            for slot in self.slots:
+                self._write(work, slot, plan)
+                for c, v in copies:
+                    c.copy_(v)
+                losses.append(mean_loss(self.model, batches, loss_fn))
+        return losses
+
+    def _batched(self, batches: list[Batch], loss_fn: LossFn) -> list[float]:
+        group = self.group_size(batches)
+        model, names, shapes = self.model, self.names, [q.shape for q in self.params]
+
+        def one(weights, x, y):
+            return loss_fn(torch.func.functional_call(model, dict(zip(names, weights)), (x,)), y)
+
+        fn = torch.func.vmap(one, in_dims=(0, None, None))
+        rows = self._all_rows()
+        if rows is None:
+            rows = torch.empty(group, self.perturber.n, dtype=self.perturber.dtype, device=self.perturber.device)
+        losses = []
+        for start in range(0, len(self.slots), group):
+            part = self.slots[start : start + group]
+            if rows is self._rows:
+                block = rows[start : start + len(part)]
+            else:
+                block = rows[: len(part)]
+                for row, slot in zip(block, part):
+                    self._write(row, slot)
+            losses += self._group_losses(fn, self.perturber.views(block, shapes), batches)
+        return losses
+
+    @staticmethod
+    def _group_losses(fn, weights: list[torch.Tensor], batches: list[Batch]) -> list[float]:
+        """Per-slot example-weighted mean loss over the batches (mean_loss's arithmetic per slot)."""
+        if len(batches) == 1:
+            x, y = batches[0]
+            return fn(weights, x, y).tolist()
+        totals, count = None, 0
+        for x, y in batches:
+            vals = [v * len(y) for v in fn(weights, x, y).tolist()]
+            totals = vals if totals is None else [t + v for t, v in zip(totals, vals)]
+            count += len(y)
+        return [t / count for t in totals]
+
+
+def loss_diffs(model: nn.Module, batch: Batch | Sequence[Batch], *, loss_fn: LossFn, seed: int,
+               num_perturbations: int, sigma: float, scheme: str = "forward", distribution: str = "gaussian",
+               options: FastOptions = FastOptions()) -> tuple[torch.Tensor, float]:
+    """One client's (ΔL, L(W)) with the fast engines; see ``ClientEngine`` and the module docstring."""
+    engine = ClientEngine(model, seed=seed, num_perturbations=num_perturbations, sigma=sigma, scheme=scheme,
+                          distribution=distribution, options=options)
+    return engine.loss_diffs(batch, loss_fn)
+
+
+__all__ = ["ClientEngine", "FastOptions", "MODES", "assemble", "loss_diffs", "scheme_slots"]

@@ -1,0 +1,185 @@
+"""The BAFFLE ``ClientApp``: forward passes only; replies with the K-vector ΔL and the example count.
+
+Node config (``flower-supernode --node-config``; the simulation engine sets the first two):
+  partition-id    int  which of the run's partitions this node holds (0-based)
+  num-partitions  int  must equal the run's ``clients``
+  data-dir        str  optional: the node's local dataset folder (overrides the run's ``data_dir``)
+  cache-dir       str  optional: where the node caches its partition (default: the temp folder)
+
+The node rebuilds the run's partition from its local copy of the dataset with the run seed, so it
+holds exactly the examples client ``partition-id`` has in ``baffle train``. The batch cursor is not
+carried between rounds: the batch of round t is derived from (seed, partition id, t) by seeking the
+in-process cursor (``ClientShards.seek``) to the number of earlier rounds that sampled this
+partition; this survives Flower's fresh ClientApp process per message and restarted nodes.
+"""
+from __future__ import annotations
+
+from baffle.flower import trace
+
+_IMPORT_T0 = trace.process_start_time() if trace.enabled() else 0.0
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch.nn.functional import cross_entropy
+
+from baffle import rounds as R
+from baffle.config import TrainConfig
+from baffle.data import load_dataset, partition_indices
+from baffle.flower.runconfig import parse_run_config
+from baffle.io import save_torch
+from baffle.flower.wire import ARRAYS, CONFIG, PARTITION, REPLY, plan_from_config, reply_content
+from baffle.simulation import ClientShards, build_run_model, rounds_sampled_before
+
+app = ClientApp()
+if trace.enabled():
+    trace.event("clientapp-process-start", t_start=_IMPORT_T0)
+    trace.event("clientapp-imported")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    partition_id: int
+    num_partitions: int
+    data_dir: str | None
+    cache_dir: str | None = None
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping, config: TrainConfig) -> NodeSettings:
+        try:
+            pid, count = int(node_config["partition-id"]), int(node_config["num-partitions"])
+        except KeyError as e:
+            raise ValueError(f"SuperNode node config lacks {e.args[0]!r}; start it with --node-config "
+                             "'partition-id=I num-partitions=N'") from None
+        if count != config.clients:
+            raise ValueError(f"node config num-partitions={count} but the run has clients={config.clients}; "
+                             "they must match")
+        if not 0 <= pid < count:
+            raise ValueError(f"node config partition-id={pid} outside 0..{count - 1}")
+        data_dir = str(node_config.get("data-dir", "")) or config.data_dir
+        return cls(pid, count, data_dir, str(node_config.get("cache-dir", "")) or None)
+
+
+class Worker:
+    """A node's partition, batch cursor and model instance (cached per process and run config).
+
+    ``baffle deploy`` runs one long-running ClientApp runtime per SuperNode, so this in-process cache
+    serves every round after the first. With Flower's stock ``--isolation subprocess`` (a fresh
+    ClientApp process per message) the node's own partition (inputs, targets, and the model's shape
+    facts) is also cached on disk under ``cache_dir``: later rounds load a few MB instead of
+    decoding and partitioning the whole dataset again.
+    """
+
+    def __init__(self, config: TrainConfig, data_dir: str | None, partition_id: int, cache_dir: str | None):
+        self.config, self.partition_id = config, partition_id
+        key = hashlib.sha256(json.dumps([config.dataset, str(data_dir), config.image_size, config.clients,
+                                         config.partition, config.seed, config.val_fraction, partition_id])
+                             .encode()).hexdigest()[:24]
+        path = Path(cache_dir or tempfile.gettempdir()) / f"baffle-partition-{key}.pt"
+        part = _load(path)
+        if part is None:
+            part = _own_partition(config, data_dir, partition_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_torch(part, path)
+        lists = [np.zeros(0, dtype=np.int64)] * config.clients
+        lists[partition_id] = np.arange(len(part["targets"]), dtype=np.int64)  # same order as the global indices
+        self.shards = ClientShards(part["inputs"], part["targets"], lists, config.seed)
+        self.model = build_model_like(config, part["shape"])
+
+    def batch(self, partition_id: int, server_round: int) -> R.Batch:
+        """The batch ``baffle train`` gives client ``partition_id`` in round ``server_round``."""
+        c = self.config
+        taken = rounds_sampled_before(c.clients, c.fraction, c.seed, partition_id, server_round)
+        self.shards.seek(partition_id, taken, c.batch_size)
+        return self.shards.next_batch(partition_id, c.batch_size)
+
+
+_DATASET: dict[tuple, tuple] = {}  # the last (dataset, partition) this process built
+
+
+def _dataset_and_partition(config: TrainConfig, data_dir: str | None) -> tuple:
+    """The decoded dataset and the run's partition, built once per process and run: a simulation
+    actor or a long-running ClientApp runtime serves many messages (and virtual nodes)."""
+    key = (config.dataset, str(data_dir), config.image_size, config.clients, config.partition, config.seed,
+           config.val_fraction)
+    if key not in _DATASET:
+        _DATASET.clear()  # keep one dataset in memory
+        data = load_dataset(config.dataset, data_dir, image_size=config.image_size)
+        part = partition_indices(data.train_targets, config.clients, config.partition, seed=config.seed,
+                                 val_fraction=config.val_fraction, num_classes=data.num_classes)
+        _DATASET[key] = (data, part)
+    return _DATASET[key]
+
+
+def _own_partition(config: TrainConfig, data_dir: str | None, partition_id: int) -> dict:
+    data, part = _dataset_and_partition(config, data_dir)
+    idx = torch.from_numpy(np.asarray(part.clients[partition_id], dtype=np.int64))
+    shape = {"image_size": data.image_size, "in_channels": data.in_channels, "num_classes": data.num_classes}
+    return {"inputs": data.train_inputs[idx].clone(), "targets": data.train_targets[idx].clone(), "shape": shape}
+
+
+def _load(path: Path) -> dict | None:
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception:  # absent or from an interrupted writer: rebuild it
+        return None
+
+
+def build_model_like(config: TrainConfig, shape: dict) -> torch.nn.Module:
+    """``build_run_model`` from the dataset's shape facts alone (same init seed, same weights)."""
+    return build_run_model(config, SimpleNamespace(**shape))
+
+
+_CACHE: dict[tuple, Worker] = {}
+
+
+def worker_for(config: TrainConfig, node: NodeSettings) -> Worker:
+    """One Worker per (run config, node) in this process (Ray actors serve many virtual nodes)."""
+    key = (tuple(sorted((k, str(v)) for k, v in config.to_dict().items() if k != "out")), node)
+    if key not in _CACHE:
+        if len(_CACHE) >= 64:
+            _CACHE.clear()
+        _CACHE[key] = Worker(config, node.data_dir, node.partition_id, node.cache_dir)
+    return _CACHE[key]
+
+
+def client_update(msg: Message, context: Context) -> RecordDict:
+    """The reply content for a train message (kept apart from the handler so tests can wrap it)."""
+    trace.event("task-start", node=int(context.node_id))
+    config, options = parse_run_config(context.run_config)
+    if options.client_threads:
+        torch.set_num_threads(options.client_threads)
+    node = NodeSettings.from_node_config(context.node_config, config)
+    worker = worker_for(config, node)
+    trace.event("data-ready", node=int(context.node_id))
+    plan = plan_from_config(msg.content[CONFIG])
+    worker.model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
+    batch = worker.batch(node.partition_id, plan.server_round)
+    reply = R.baffle_client_update(worker.model, [batch], plan, cross_entropy, node.partition_id)
+    trace.event("compute-done", node=int(context.node_id), round=plan.server_round)
+    return reply_content(reply, node.partition_id)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return Message(client_update(msg, context), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Report the node's partition id (the server asks when it samples a fraction of partitions)."""
+    config, _ = parse_run_config(context.run_config)
+    node = NodeSettings.from_node_config(context.node_config, config)
+    return Message(RecordDict({REPLY: MetricRecord({PARTITION: node.partition_id})}), reply_to=msg)
+
+
+__all__ = ["NodeSettings", "Worker", "app", "client_update", "worker_for"]

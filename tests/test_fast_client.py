@@ -1,0 +1,155 @@
+"""Fast client engines against the plain reference loop on the same seeds."""
+import pytest
+import torch
+from torch import nn
+from torch.nn.functional import cross_entropy
+
+from baffle import fast
+from baffle.client import compute_loss_diffs, plain_loss_diffs
+from baffle.models import build_model
+from baffle.perturbation import CHUNK_SIZE, direction
+from conftest import flat
+
+
+def _mlp(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.Hardswish(), nn.Linear(16, 4)).to(dtype)
+
+
+def _big_mlp():
+    """n = 132,810: three chunks, and the second weight straddles a chunk boundary."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(64, 1024), nn.Tanh(), nn.Linear(1024, 64), nn.Tanh(), nn.Linear(64, 10))
+
+
+def _data(n, features, classes, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *features, generator=g, dtype=dtype), torch.randint(0, classes, (n,), generator=g)
+
+
+def _both(model, batch, mode="sequential", memory_format=None, **kw):
+    kw = dict(loss_fn=cross_entropy, seed=11, num_perturbations=6, sigma=1e-3, **kw)
+    plain = plain_loss_diffs(model, batch, **kw)
+    got = fast.loss_diffs(model, batch, options=fast.FastOptions(mode=mode, memory_format=memory_format), **kw)
+    return plain, got
+
+
+@pytest.mark.parametrize("scheme", ["forward", "central", "twice-fd"])
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_sequential_is_bit_identical_to_plain(scheme, distribution):
+    model, batch = _mlp(), _data(16, (8,), 4, 0)
+    (pd, pl), (fd, fl) = _both(model, batch, scheme=scheme, distribution=distribution)
+    assert torch.equal(pd, fd) and pl == fl
+
+
+def test_sequential_bit_identical_multi_chunk_float64_and_several_batches():
+    model = _big_mlp()
+    (pd, pl), (fd, fl) = _both(model, _data(8, (64,), 10, 1))
+    assert sum(p.numel() for p in model.parameters()) > 2 * CHUNK_SIZE and torch.equal(pd, fd) and pl == fl
+    model64 = _mlp(torch.float64)
+    batches = [_data(5, (8,), 4, 2, torch.float64), _data(7, (8,), 4, 3, torch.float64)]
+    (pd, pl), (fd, fl) = _both(model64, batches, scheme="central")
+    assert torch.equal(pd, fd) and pl == fl
+
+
+def test_sequential_lenet_bit_identical_and_channels_last_within_rounding():
+    model = build_model("lenet", in_channels=1, num_classes=10, seed=0)
+    batch = _data(4, (1, 16, 16), 10, 4)
+    (pd, pl), (fd, fl) = _both(model, batch)
+    assert torch.equal(pd, fd) and pl == fl
+    _, (cd, cl) = _both(model, batch, memory_format="channels_last")
+    # Other conv kernels: each loss may move by a few float32 ulp of L (~1e-7·L), ΔL by about twice that.
+    assert (cd - pd).abs().max() <= 16 * torch.finfo(torch.float32).eps * abs(pl)
+    assert model.conv1.weight.is_contiguous()  # the model's own layout is untouched
+
+
+@pytest.mark.parametrize("scheme", ["forward", "central"])
+def test_batched_matches_plain_within_float32_rounding_of_the_loss(scheme):
+    model, batch = _big_mlp(), _data(32, (64,), 10, 5)
+    (pd, pl), (bd, bl) = _both(model, batch, mode="batched", scheme=scheme)
+    # Weights are bit-identical; only the matmul kernels differ, so each loss moves by a few ulp of L.
+    tol = 16 * torch.finfo(torch.float32).eps * abs(pl)
+    assert (bd - pd).abs().max() <= tol and abs(bl - pl) <= tol
+    assert (pd.abs() > 100 * tol).any()  # the tolerance is far below the signal
+
+
+def test_batched_result_does_not_depend_on_the_slot_group_size():
+    model, batch = _mlp(), _data(16, (8,), 4, 6)
+    kw = dict(loss_fn=cross_entropy, seed=3, num_perturbations=9, sigma=1e-3)
+    results = {p: fast.loss_diffs(model, batch, options=fast.FastOptions(mode="batched", max_slots=p), **kw)
+               for p in (1, 4, 64)}
+    engine = fast.ClientEngine(model, seed=3, num_perturbations=9, sigma=1e-3,
+                               options=fast.FastOptions(mode="batched", max_slots=4))
+    assert engine.group_size([batch]) == 4
+    for p in (4, 64):
+        assert torch.equal(results[p][0], results[1][0])
+
+
+@pytest.mark.parametrize("mode", ["sequential", "batched"])
+def test_engine_with_kept_rows_is_reusable_across_clients_and_keeps_the_model(mode):
+    model = _mlp()
+    before = flat(model.state_dict()).clone()
+    rng = torch.random.get_rng_state()
+    engine = fast.ClientEngine(model, seed=5, num_perturbations=7, sigma=1e-3, scheme="central",
+                               options=fast.FastOptions(mode=mode, keep_rows=True))
+    for seed in range(3):  # the rows kept from the first client must serve the next ones
+        batch = _data(10, (8,), 4, seed)
+        got = engine.loss_diffs(batch, cross_entropy)
+        ref = fast.loss_diffs(model, batch, loss_fn=cross_entropy, seed=5, num_perturbations=7, sigma=1e-3,
+                              scheme="central", options=fast.FastOptions(mode=mode))
+        assert torch.equal(got[0], ref[0]) and got[1] == ref[1] and engine._rows is not None
+    assert torch.equal(flat(model.state_dict()), before) and torch.equal(rng, torch.random.get_rng_state())
+
+
+def test_auto_mode_batches_only_dense_models_with_a_vmap_safe_loss():
+    batch = _data(10, (8,), 4, 0)
+    engine = fast.ClientEngine(_mlp(), seed=5, num_perturbations=7, sigma=1e-3)
+    assert engine.mode_for([batch], cross_entropy) == "batched"
+    assert engine.mode_for([batch], lambda o, y: cross_entropy(o, y)) == "sequential"
+    lenet = fast.ClientEngine(build_model("lenet", in_channels=1, num_classes=10, seed=0), seed=5,
+                              num_perturbations=7, sigma=1e-3)
+    assert lenet.mode_for([_data(2, (1, 8, 8), 10, 1)], cross_entropy) == "sequential"
+
+
+def test_runner_client_update_with_a_round_engine_equals_compute_loss_diffs():
+    from baffle import rounds as R
+
+    model, batch = _big_mlp(), _data(8, (64,), 10, 7)
+    plan = R.plan_round(3, 1, R.EstimatorSpec(num_perturbations=5, sigma=1e-3))
+    engine = R.client_engine(model, plan)
+    plain = R.baffle_client_update(model, [batch], plan, cross_entropy, "a")
+    for _ in range(2):
+        reply = R.baffle_client_update(model, [batch], plan, cross_entropy, "a", engine)
+        assert torch.equal(reply.loss_diffs, plain.loss_diffs) and reply.loss == plain.loss
+
+
+def test_model_restored_and_error_propagates_when_loss_fails():
+    model, batch = build_model("lenet", in_channels=1, num_classes=10, seed=0), _data(2, (1, 8, 8), 10, 1)
+    before = [(p.data_ptr(), p.detach().clone()) for p in model.parameters()]
+    calls = []
+
+    def flaky(out, y):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return cross_entropy(out, y)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        compute_loss_diffs(model, batch, loss_fn=flaky, seed=1, num_perturbations=4, sigma=1e-3)
+    assert all(p.data_ptr() == ptr and torch.equal(p, w) for p, (ptr, w) in zip(model.parameters(), before))
+
+
+def test_fast_options_refuse_unknown_values():
+    with pytest.raises(ValueError, match="mode"):
+        fast.FastOptions(mode="parallel")
+    with pytest.raises(ValueError, match="memory_format"):
+        fast.FastOptions(memory_format="nhwc")
+
+
+def test_perturbed_weights_are_w_plus_sigma_direction():
+    model = _big_mlp()
+    engine = fast.ClientEngine(model, seed=9, num_perturbations=2, sigma=1e-2)
+    row = torch.empty(engine.perturber.n)
+    engine.perturber.write(row, 1, -1.0)
+    w = flat(model.parameters())
+    assert torch.equal(row, torch.add(w, direction(w.numel(), 9, 1), alpha=-1e-2))
