@@ -74,12 +74,13 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         record_evaluation(sim, out, metrics, 0, {"clients": 0, "train_loss": None}, wall())
     bar = tqdm(total=sim.rounds, initial=start, desc="baffle", unit="round", disable=not progress,
                dynamic_ncols=True)
+    accuracy = metrics[-1]["test_accuracy"] if metrics else float("nan")
     for server_round in range(start, sim.rounds):
         info = sim.run_round(server_round)
         done = server_round + 1
         if done % sim.eval_every == 0 or done == sim.rounds:
-            rec = record_evaluation(sim, out, metrics, done, info, wall())
-            bar.set_postfix(loss=f"{info['train_loss']:.4f}", acc=f"{rec['test_accuracy']:.4f}")
+            accuracy = record_evaluation(sim, out, metrics, done, info, wall())["test_accuracy"]
+        bar.set_postfix(loss=f"{info['train_loss']:.4f}", test_acc=f"{accuracy:.4f}", refresh=False)
         bar.update(1)
     bar.close()
     return finish_run(sim, out, metrics, wall())
