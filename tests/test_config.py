@@ -75,3 +75,11 @@ def test_cli_strings_are_coerced_like_toml_values():
     assert (c.num_perturbations, c.sigma, c.clip, c.ema_decay) == (12, 1e-3, None, 0.9)
     assert c.lr_milestones == (5, 10) and c.hidden == (32, 16) and c.clip_norm_type == float("inf")
     assert Path(make_config({"out": "x/y"}).out) == Path("x/y")
+
+
+def test_to_dict_is_strict_json_and_round_trips():
+    import json
+
+    c = make_config({"clip": 0.3, "lr_milestones": [4, 8]})
+    text = json.dumps(c.to_dict(), allow_nan=False)  # clip_norm_type = inf must not become Infinity
+    assert make_config(json.loads(text)) == c

@@ -2,14 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. With spinning threads a
-# run slows down 10-75x as soon as another process competes for the cores (README, --threads).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from baffle.config import FIELDS, flag, load_toml, make_config  # noqa: E402  (imports no torch)
+from baffle.config import FIELDS, flag, load_toml, make_config
 
 HELP = {
     "dataset": "digits (built in, no files), mnist, fashion-mnist, cifar10",

@@ -65,7 +65,10 @@ class TrainConfig:
         _check_ranges(self)
 
     def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        """Plain JSON-safe values (tuples as lists, an infinite float as "inf")."""
+        def plain(v):
+            return list(v) if isinstance(v, tuple) else "inf" if v == math.inf else v
+        return {k: plain(v) for k, v in dataclasses.asdict(self).items()}
 
     @property
     def model_name(self) -> str:
