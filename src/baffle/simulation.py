@@ -8,9 +8,7 @@ is what makes ``resume`` bit-identical to an uninterrupted run.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch

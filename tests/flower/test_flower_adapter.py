@@ -5,7 +5,6 @@ import tomllib
 import numpy as np
 import pytest
 import torch
-from torch.nn.functional import cross_entropy
 
 pytest.importorskip("flwr")
 

@@ -7,7 +7,6 @@ a run. Every Flower process is started through ``Federation`` and stopped by PID
 import json
 import os
 import signal
-import socket
 import ssl
 import time
 import urllib.request
@@ -19,7 +18,7 @@ pytest.importorskip("flwr")
 
 from baffle import rounds as R  # noqa: E402
 from baffle.config import make_config  # noqa: E402
-from baffle.flower.cli import deploy, flatten  # noqa: E402
+from baffle.flower.cli import deploy  # noqa: E402
 from baffle.flower.launch import Federation, wait_process  # noqa: E402
 from baffle.flower.runconfig import app_config, write_app  # noqa: E402
 from baffle.training import train  # noqa: E402
