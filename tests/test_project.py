@@ -56,3 +56,27 @@ def test_dependency_direction_and_flwr_confinement():
                 if LAYERS[parts[1]] > LAYERS[top]:
                     bad.append(f"{'/'.join(rel)} imports {mod}")
     assert not bad, bad
+
+
+_WITHOUT_EXTRA = """
+import sys
+for name in ("flwr", "cryptography", "ray"):
+    sys.modules[name] = None  # any import of them now fails, as without the [flower] extra
+from baffle.cli import main
+assert main(["train", "--help"]) == 0
+"""
+
+
+def test_cli_works_without_the_flower_extra(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_EXTRA], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    deploy = subprocess.run([sys.executable, "-c", _WITHOUT_EXTRA.replace('["train", "--help"]) == 0',
+                             '["deploy", "--engine", "simulation", "--rounds", "1", "--out", r"%s"]) == 2'
+                             % (tmp_path / "o"))], capture_output=True, text=True, env=env)
+    assert deploy.returncode == 0, deploy.stderr
+    assert "pip install -e '.[flower]'" in deploy.stderr

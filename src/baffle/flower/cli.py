@@ -19,8 +19,8 @@ import tomllib
 from pathlib import Path
 
 from baffle.config import FIELDS, flag
-from baffle.flower.launch import DEFAULT_NODE_POLL_INTERVAL, ISOLATIONS
-from baffle.flower.runconfig import CLIENT_APP, OPTION_NAMES, app_config, parse_run_config, write_app
+from baffle.flower.runconfig import (DEFAULT_NODE_POLL_INTERVAL, ISOLATIONS,  # no flwr/cryptography/torch
+                                     CLIENT_APP, OPTION_NAMES, app_config, parse_run_config, write_app)
 
 ENGINES = ("deployment", "simulation")
 OPTION_HELP = {
@@ -176,6 +176,10 @@ def run_deploy(args: argparse.Namespace) -> int:
         summary = deploy(table, nodes, engine=args.engine, tls=args.tls, node_data_dir=args.node_data_dir,
                          cpus_per_client=args.cpus_per_client, timeout=args.timeout, isolation=args.isolation,
                          node_poll_interval=args.node_poll_interval)
+    except ModuleNotFoundError as e:
+        print(f"baffle: error: `baffle deploy` needs the Flower extra (module {e.name!r} is missing); "
+              "install it with: pip install -e '.[flower]'", file=sys.stderr)
+        return 2
     except ValueError as e:
         print(f"baffle: error: {e}", file=sys.stderr)
         return 2

@@ -33,12 +33,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from baffle.flower.runconfig import DEFAULT_NODE_POLL_INTERVAL, ISOLATIONS
 from baffle.flower.tls import Credentials, make_credentials
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 CONNECTION = "baffle"
-ISOLATIONS = ("process", "subprocess")
-DEFAULT_NODE_POLL_INTERVAL = 0.1  # = baffle.flower.node.DEFAULT_POLL_INTERVAL (not imported: no flwr here)
 
 
 def flower_program(name: str) -> str:

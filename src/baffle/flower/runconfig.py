@@ -20,6 +20,9 @@ from pathlib import Path
 
 from baffle.config import FIELDS, TrainConfig, make_config, normalise_keys
 
+ISOLATIONS = ("process", "subprocess")  # SuperNode isolation modes `baffle deploy` offers
+DEFAULT_NODE_POLL_INTERVAL = 0.1  # = baffle.flower.node.DEFAULT_POLL_INTERVAL (not imported: no flwr here)
+
 FLOWER_TABLE = "flower"
 SERVER_APP = "baffle.flower.server_app:app"
 CLIENT_APP = "baffle.flower.client_app:app"
