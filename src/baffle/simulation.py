@@ -33,6 +33,7 @@ class ClientShards:
         self.indices = [np.asarray(c, dtype=np.int64) for c in clients]
         self.epoch = np.zeros(len(self.indices), dtype=np.int64)
         self.cursor = np.zeros(len(self.indices), dtype=np.int64)
+        self._orders: dict[int, tuple[int, np.ndarray]] = {}  # cid -> (epoch, that epoch's order)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -41,8 +42,14 @@ class ClientShards:
         return len(self.indices[cid])
 
     def _order(self, cid: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, _ORDER_TAG, cid, int(self.epoch[cid])])
-        return self.indices[cid][rng.permutation(self.size(cid))]
+        """The client's example order in its current local epoch (computed once per epoch)."""
+        epoch = int(self.epoch[cid])
+        cached = self._orders.get(cid)
+        if cached is None or cached[0] != epoch:
+            rng = np.random.default_rng([self.seed, _ORDER_TAG, cid, epoch])
+            cached = (epoch, self.indices[cid][rng.permutation(self.size(cid))])
+            self._orders[cid] = cached
+        return cached[1]
 
     def next_batch(self, cid: int, batch_size: int) -> R.Batch:
         """The client's next batch; the last batch of a local epoch may be smaller."""
