@@ -13,13 +13,15 @@ import torch
 from baffle.cli import main
 from conftest import REPO
 
-TINY = ["--rounds", "6", "--num-perturbations", "10", "--clients", "4", "--batch-size", "64", "--hidden", "16",
-        "--eval-every", "2", "--no-progress"]
+TINY = ["--rounds", "6", "--clients", "4", "--batch-size", "64", "--hidden", "16", "--eval-every", "2",
+        "--no-progress"]
+K = ["--num-perturbations", "10"]  # a BAFFLE setting: refused with the backprop methods
 
 
 def _run(tmp_path, name, *extra):
     out = tmp_path / name
-    assert main(["train", *TINY, "--out", str(out), *extra]) == 0
+    k = [] if any(m in extra for m in ("bp-fedsgd", "bp-fedavg")) else K
+    assert main(["train", *TINY, *k, "--out", str(out), *extra]) == 0
     return out
 
 
@@ -48,7 +50,7 @@ def test_smoke_run_writes_metrics_summary_and_model(tmp_path, method):
 def test_resume_continues_bit_identically(tmp_path):
     full = _run(tmp_path, "full", "--ema-decay", "0.9")
     part = tmp_path / "part"
-    assert main(["train", *TINY, "--out", str(part), "--ema-decay", "0.9", "--rounds", "4"]) == 0
+    assert main(["train", *TINY, *K, "--out", str(part), "--ema-decay", "0.9", "--rounds", "4"]) == 0
     assert main(["train", "--out", str(part), "--resume", "--rounds", "6", "--no-progress"]) == 0
     assert (full / "model.pt").read_bytes() == (part / "model.pt").read_bytes()
     drop = ("wall_s",)
@@ -88,7 +90,7 @@ def test_resume_after_sigkill_ends_with_the_same_model(tmp_path):
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, flags, match):
     out = tmp_path / "o"
-    assert main(["train", *TINY, "--out", str(out), *flags]) == 2
+    assert main(["train", *TINY, *K, "--out", str(out), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("baffle: error: ") and match in err and err.count("\n") == 1
     assert not out.exists()  # nothing was written before the input was checked
@@ -97,9 +99,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, flags, match):
 def test_existing_run_is_never_overwritten(tmp_path, capsys):
     out = _run(tmp_path, "run")
     before = _digest(out)
-    assert main(["train", *TINY, "--out", str(out)]) == 2
+    assert main(["train", *TINY, *K, "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
-    assert main(["train", *TINY, "--out", str(out), "--resume", "--lr", "0.5"]) == 2
+    assert main(["train", *TINY, *K, "--out", str(out), "--resume", "--lr", "0.5"]) == 2
     assert "lr: 0.01 -> 0.5" in capsys.readouterr().err
     assert _digest(out) == before
     assert main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2

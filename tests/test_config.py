@@ -7,7 +7,7 @@ from baffle.config import FIELDS, TrainConfig, load_toml, make_config
 from baffle.models import build_model
 from conftest import REPO
 
-CONFIGS = sorted((REPO / "configs").glob("*.toml"))
+CONFIGS = sorted((REPO / "configs").rglob("*.toml"))
 
 
 def test_defaults_are_valid_and_default_model_follows_dataset():
@@ -16,7 +16,7 @@ def test_defaults_are_valid_and_default_model_follows_dataset():
     assert TrainConfig(dataset="mnist").model_name == "lenet"
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO / "configs")) for p in CONFIGS])
 def test_every_shipped_config_parses_and_builds(path):
     config = make_config(load_toml(path))
     channels = 3 if config.dataset == "cifar10" else 1
@@ -70,9 +70,10 @@ def test_bad_values_name_the_flag(overrides, match):
 
 
 def test_cli_strings_are_coerced_like_toml_values():
-    c = make_config({"num_perturbations": "12", "sigma": "1e-3", "clip": "none", "ema_decay": "0.9",
-                     "lr_milestones": "5,10", "hidden": "32,16", "clip_norm_type": "inf"})
-    assert (c.num_perturbations, c.sigma, c.clip, c.ema_decay) == (12, 1e-3, None, 0.9)
+    c = make_config({"num_perturbations": "12", "sigma": "1e-3", "clip": "0.3", "ema_decay": "0.9",
+                     "lr_milestones": "5,10", "hidden": "32,16", "clip_norm_type": "inf", "adam_betas": "0.9,0.99"})
+    assert (c.num_perturbations, c.sigma, c.clip, c.ema_decay, c.adam_betas) == (12, 1e-3, 0.3, 0.9, (0.9, 0.99))
+    assert make_config({"clip": "none"}).clip is None
     assert c.lr_milestones == (5, 10) and c.hidden == (32, 16) and c.clip_norm_type == float("inf")
     assert Path(make_config({"out": "x/y"}).out) == Path("x/y")
 

@@ -123,6 +123,64 @@ def test_runner_client_update_with_a_round_engine_equals_compute_loss_diffs():
         assert torch.equal(reply.loss_diffs, plain.loss_diffs) and reply.loss == plain.loss
 
 
+def test_runner_client_in_channels_last_keeps_rows_and_matches_nchw_within_rounding():
+    import dataclasses
+
+    from baffle import rounds as R
+
+    model = build_model("lenet", in_channels=1, num_classes=10, seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    options = dataclasses.replace(R.RUNNER_CLIENT, memory_format="channels_last")
+    kw = dict(seed=5, num_perturbations=6, sigma=1e-3)
+    engine = fast.ClientEngine(model, options=options, **kw)
+    for seed in range(2):  # the second client reuses the first one's kept rows
+        batch = _data(4, (1, 16, 16), 10, seed)
+        got, loss = engine.loss_diffs(batch, cross_entropy)
+        regenerated = fast.loss_diffs(model, batch, loss_fn=cross_entropy, **kw,
+                                      options=fast.FastOptions(mode="sequential", memory_format="channels_last"))
+        nchw, nchw_loss = plain_loss_diffs(model, batch, loss_fn=cross_entropy, **kw)
+        assert engine._rows is not None and torch.equal(got, regenerated[0]) and loss == regenerated[1]
+        tol = 16 * torch.finfo(torch.float32).eps * abs(nchw_loss)
+        assert (got - nchw).abs().max() <= tol and abs(loss - nchw_loss) <= tol
+        assert (nchw.abs() > 100 * tol).any()  # the tolerance is far below the signal
+    assert all(torch.equal(p, b) and p.is_contiguous() for p, b in zip(model.parameters(), before))
+
+
+def test_choose_memory_format_skips_models_without_conv_weights():
+    def not_called(_out, _y):
+        raise AssertionError("a model without 4-D weights must not be probed")
+
+    batch = _data(8, (8,), 4, 0)
+    assert fast.choose_memory_format(_mlp(), batch, not_called) is None
+    with pytest.raises(ValueError, match="repeats"):
+        fast.choose_memory_format(_mlp(), batch, cross_entropy, repeats=0)
+
+
+def test_choose_memory_format_probes_a_conv_net_and_leaves_it_untouched():
+    model = build_model("lenet", in_channels=1, num_classes=10, seed=0)
+    params = list(model.parameters())
+    before = [(p.detach().clone(), p.data_ptr(), p.stride()) for p in params]
+    rng = torch.random.get_rng_state()
+    calls = []
+
+    def loss_fn(out, y):
+        calls.append(out.shape)
+        return cross_entropy(out, y)
+
+    got = fast.choose_memory_format(model, _data(4, (1, 16, 16), 10, 0), loss_fn, repeats=3, warmup=1)
+    assert got in (None, "channels_last") and len(calls) == 2 * (3 + 1)
+    for p, (value, ptr, stride) in zip(params, before):
+        assert torch.equal(p, value) and p.data_ptr() == ptr and p.stride() == stride and p.is_contiguous()
+    assert torch.equal(rng, torch.random.get_rng_state())
+
+
+def test_channels_last_copy_restrides_single_channel_tensors():
+    # x.contiguous(memory_format=channels_last) keeps NCHW strides when C == 1 (the MNIST input and the
+    # first conv weight), which would leave the kernels in NCHW.
+    x = torch.randn(2, 1, 4, 4)
+    y = fast._channels_last(x)
+    assert y.stride() == (16, 1, 4, 1) and torch.equal(y, x) and x.stride() == (16, 16, 4, 1)
+
 
 def test_fast_options_refuse_unknown_values():
     with pytest.raises(ValueError, match="mode"):

@@ -31,7 +31,7 @@ LAYERS = {
     "perturbation": 0, "estimator": 0, "io": 0,
     "client": 1, "server": 1, "data": 1, "models": 2,
     "rounds": 3, "config": 3, "api": 3,
-    "simulation": 4, "training": 5, "flower": 5, "fast": 1, "cli": 6,
+    "simulation": 4, "training": 5, "flower": 5, "report": 5, "fast": 1, "cli": 6,
 }
 
 

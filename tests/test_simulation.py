@@ -89,7 +89,8 @@ def test_local_baffle_steps_follow_the_estimates():
     model, ref = _model(), _model()
     batches = _batches([8, 8, 8], seed=2)
     plan = R.plan_round(1, 0, R.EstimatorSpec(num_perturbations=8, sigma=1e-4, scheme="central"))
-    seen, _ = R.baffle_local_training(model, batches, plan, cross_entropy, local_lr=0.2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    seen, _ = R.baffle_local_training(model, batches, plan, cross_entropy, opt)
     import baffle
 
     for step, b in enumerate(batches):

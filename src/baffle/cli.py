@@ -9,39 +9,50 @@ from baffle.config import FIELDS, flag, load_toml, make_config
 HELP = {
     "dataset": "digits (built in, no files), mnist, fashion-mnist, cifar10",
     "data_dir": "folder with the dataset files (see README 'Data')",
+    "normalize": "inputs: mean-std (measured train-set statistics), none ([0, 1]), published (the published code's)",
+    "augment": "none, crop-flip (training batches: reflect-pad 4, random flip, random crop; as published for CIFAR)",
     "model": "mlp, linear, lenet, wrn, wrn-10-2 (default: mlp for digits, lenet otherwise)",
     "activation": "hardswish, relu, selu, gelu, silu, tanh, elu, leaky_relu",
-    "norm": "none, group (GroupNorm without affine; BatchNorm is refused)",
+    "norm": "none, group (GroupNorm without affine, max(2, C//16) groups; BatchNorm is refused)",
     "hidden": "MLP hidden widths, comma separated (e.g. 128,64)",
     "image_size": "resize inputs to this side (default: 32 for MNIST/CIFAR, 8 for digits)",
     "clients": "number of clients C",
     "fraction": "fraction of clients sampled per round, in (0, 1]",
-    "partition": "iid, dirichlet:ALPHA, shards:K",
-    "val_fraction": "per-class share of the training set held out for validation",
+    "partition": "iid (the published split), dirichlet:ALPHA, shards:K",
+    "val_per_class": "examples of each class held out for validation (the published code: 500)",
+    "client_weights": "examples (n_c / Σ n), equal (1 / C)",
     "method": "baffle (FedSGD), baffle-fedavg (local BAFFLE steps), bp-fedsgd, bp-fedavg",
-    "num_perturbations": "K, perturbations per client step",
-    "sigma": "perturbation scale σ",
-    "scheme": "forward (K+1 passes), central (2K), twice-fd (forward with 2K directions)",
-    "distribution": "gaussian, rademacher",
+    "num_perturbations": "K, perturbations per client step (baffle methods; default 200)",
+    "sigma": "perturbation scale σ (baffle methods; default 1e-4)",
+    "scheme": "forward (K+1 passes), central (2K), twice-fd (forward with 2K directions); default forward",
+    "distribution": "gaussian (default), rademacher",
+    "perturbations": "shared (one seed for all clients; default), per-client (each client its own noise, as published)",
     "rounds": "server rounds (default: epochs × rounds per epoch)",
     "epochs": "passes over each client's data (used when --rounds is not given)",
     "batch_size": "client batch size",
-    "local_epochs": "local epochs per round (baffle-fedavg, bp-fedavg)",
-    "local_lr": "client SGD learning rate (baffle-fedavg, bp-fedavg)",
-    "optimizer": "server optimizer: adam, sgd",
-    "lr": "server learning rate",
-    "momentum": "SGD momentum",
-    "weight_decay": "optimizer weight decay",
-    "warmup_rounds": "linear LR warm-up over this many rounds",
-    "lr_milestones": "rounds at which the LR is multiplied by --lr-gamma (comma separated)",
-    "lr_gamma": "LR factor at each milestone",
-    "clip": "clip ĝ to this norm (the reference code uses 0.3 with the inf-norm); 'none' disables",
-    "clip_norm_type": "norm for --clip: inf, 2, ...",
+    "local_epochs": "local epochs per round (baffle-fedavg, bp-fedavg; default 1)",
+    "optimizer": "adam, sgd: the server's (FedSGD methods) or each client's persistent one (epoch-level methods)",
+    "lr": "learning rate of that optimizer",
+    "momentum": "SGD momentum (default 0.9)",
+    "nesterov": "SGD Nesterov momentum: true/false (default false)",
+    "adam_betas": "Adam betas, comma separated (default 0.9,0.999; the published code 0.9,0.99)",
+    "weight_decay": "coupled L2 weight decay of the optimizer (the published code: 5e-4)",
+    "schedule_unit": "round (default), epoch: the unit of --warmup and --lr-milestones (FedSGD methods)",
+    "warmup": "warm-up length in --schedule-unit (default 0)",
+    "warmup_lr": "constant LR during the warm-up (the published code: 0.02 for one epoch); none: linear ramp",
+    "lr_milestones": "units at which the LR is multiplied by --lr-gamma (comma separated)",
+    "lr_gamma": "LR factor at each milestone (default 0.1)",
+    "clip": "clip ĝ to this norm (the published code: 0.3, inf-norm, per client); 'none' disables",
+    "clip_norm_type": "norm for --clip: inf (default), 2, ...",
+    "clip_scope": "client (each client's estimate, before averaging), server (the aggregate; default for FedSGD)",
     "ema_decay": "EMA of the weights used for evaluation and model.pt, e.g. 0.995; 'none' disables",
+    "ema_ramp": "true: torch_ema's decay min(decay, (1+t)/(10+t)) at update t (as published); default false",
+    "ema_every": "round (default), epoch (one EMA update per epoch, as published)",
+    "memory_format": "auto (probed once per run and recorded), nchw, channels_last",
     "eval_every": "evaluate and checkpoint every N rounds (default: once per epoch)",
     "eval_batch_size": "batch size for evaluation",
     "seed": "seed of everything random (init, partition, sampling, batches, perturbations)",
-    "out": "output folder (metrics.jsonl, summary.json, model.pt, checkpoint.pt)",
+    "out": "output folder (metrics.jsonl, summary.json, model.pt, checkpoint.pt, config.json)",
 }
 
 
@@ -60,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     from baffle.flower.cli import add_deploy_parser  # imports neither flwr nor torch
 
     add_deploy_parser(sub)
+    report = sub.add_parser("report", help="tables and plots from run folders",
+                            description="One Markdown row per run folder (in progress or finished).")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="--out folder of a baffle train/deploy run")
+    report.add_argument("--out", metavar="DIR", help="also write DIR/report.csv and accuracy plots (PNG)")
+    report.add_argument("--targets", default="0.9,0.95", metavar="A,B",
+                        help="test accuracies to reach: first round, forward passes and wall time (default 0.9,0.95)")
     return parser
 
 
@@ -93,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_deploy(args)
     try:
+        if args.command == "report":
+            from baffle.report import run_report
+
+            return run_report(args.runs, out=args.out, targets=args.targets)
         return _train(args)
     except ValueError as e:
         print(f"baffle: error: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from baffle._alloc import auto_tune_malloc
 from baffle.estimator import check_estimator_args, num_directions
 from baffle.perturbation import check_distribution, fill_direction, split_like, trainable_parameters
 
@@ -75,7 +76,9 @@ def compute_loss_diffs(
     (central: the mean of all perturbed losses, an O(σ²)-accurate proxy).
 
     Runs the sequential engine of ``baffle.fast`` (one reused work vector, noise regenerated chunk by
-    chunk from the seed); the result is bit-identical to ``plain_loss_diffs``.
+    chunk from the seed); the result is bit-identical to ``plain_loss_diffs``. The first call in a
+    process tunes glibc's allocator for repeated forwards (``baffle._alloc``; opt out with the
+    environment variable BAFFLE_TUNE_MALLOC=0).
     """
     from baffle.fast import FastOptions, loss_diffs  # baffle.fast builds on this module's helpers
 
@@ -102,6 +105,7 @@ def plain_loss_diffs(
     check_estimator_args(num_perturbations, sigma, scheme)
     check_distribution(distribution)
     validate_model(model)
+    auto_tune_malloc()
     batches = as_batches(batch)
     params = [p for _, p in trainable_parameters(model)]
     count = num_directions(num_perturbations, scheme)

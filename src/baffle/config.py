@@ -25,6 +25,8 @@ class TrainConfig:
 
     dataset: str = "digits"
     data_dir: str | None = None
+    normalize: str = "mean-std"  # mean-std (measured train-set statistics), none, published
+    augment: str = "none"  # none, crop-flip (the published CIFAR train augmentation)
     model: str | None = None  # None: the dataset's default (DEFAULT_MODELS)
     activation: str = "hardswish"
     norm: str = "none"
@@ -33,27 +35,38 @@ class TrainConfig:
     clients: int = 10
     fraction: float = 1.0
     partition: str = "iid"
-    val_fraction: float = 0.0
+    val_per_class: int = 0
+    client_weights: str = "examples"  # examples (n_c / Σ n), equal (1 / C)
     method: str = "baffle"
-    num_perturbations: int = 200
-    sigma: float = 1e-4
-    scheme: str = "forward"
-    distribution: str = "gaussian"
+    # Settings a method may not use are None by default; they get their method's default (APPLIES) and
+    # are refused when given for a method that does not use them.
+    num_perturbations: int | None = None
+    sigma: float | None = None
+    scheme: str | None = None
+    distribution: str | None = None
+    perturbations: str | None = None  # shared (one seed for all clients), per-client
     rounds: int | None = None  # None: epochs × rounds per epoch
     epochs: float = 30.0
     batch_size: int = 64
-    local_epochs: int = 1
-    local_lr: float = 0.05
+    local_epochs: int | None = None
     optimizer: str = "adam"
     lr: float = 0.01
-    momentum: float = 0.9
+    momentum: float | None = None
+    nesterov: bool | None = None
+    adam_betas: tuple[float, ...] | None = None
     weight_decay: float = 0.0
-    warmup_rounds: int = 0
-    lr_milestones: tuple[int, ...] = ()
-    lr_gamma: float = 0.1
+    schedule_unit: str | None = None  # round, epoch: unit of warmup and lr_milestones
+    warmup: int | None = None
+    warmup_lr: float | None = None  # constant LR during the warm-up (None: linear ramp to lr)
+    lr_milestones: tuple[int, ...] | None = None
+    lr_gamma: float | None = None
     clip: float | None = None
-    clip_norm_type: float = math.inf
+    clip_norm_type: float | None = None
+    clip_scope: str | None = None  # client (each client's estimate), server (the aggregate)
     ema_decay: float | None = None
+    ema_ramp: bool | None = None  # torch_ema's decay_t = min(decay, (1 + t) / (10 + t))
+    ema_every: str | None = None  # round, epoch
+    memory_format: str = "auto"  # auto (probed once per run, recorded), nchw, channels_last
     eval_every: int | None = None  # None: once per epoch (and always after the last round)
     eval_batch_size: int = 1000
     seed: int = 0
@@ -62,12 +75,14 @@ class TrainConfig:
     def __post_init__(self):
         for name, hint in typing.get_type_hints(TrainConfig).items():
             object.__setattr__(self, name, _coerce(name, getattr(self, name), hint))
+        _check_choices(self)
+        _apply_method_defaults(self)
         _check_ranges(self)
 
     def to_dict(self) -> dict:
         """Plain JSON-safe values (tuples as lists, an infinite float as "inf")."""
         def plain(v):
-            return list(v) if isinstance(v, tuple) else "inf" if v == math.inf else v
+            return list(v) if isinstance(v, tuple) else "inf" if isinstance(v, float) and v == math.inf else v
         return {k: plain(v) for k, v in dataclasses.asdict(self).items()}
 
     @property
@@ -92,11 +107,18 @@ def _coerce(name, value, hint):
             return None
         hint = args[0]
     if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
-            _fail(name, f"expected a list of integers, got {value!r}")
-        return tuple(_coerce(name, v.strip() if isinstance(v, str) else v, int) for v in items if v != "")
+            _fail(name, f"expected a list of {item.__name__}s, got {value!r}")
+        return tuple(_coerce(name, v.strip() if isinstance(v, str) else v, item) for v in items if v != "")
     try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in _BOOLS:
+                return _BOOLS[value.lower()]
+            raise ValueError
         if hint is int and not isinstance(value, bool):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
@@ -110,28 +132,79 @@ def _coerce(name, value, hint):
     _fail(name, f"expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
+_BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+BAFFLE_METHODS = ("baffle", "baffle-fedavg")
+FEDSGD_METHODS = ("baffle", "bp-fedsgd")  # one server optimizer step per round
+FEDAVG_METHODS = ("baffle-fedavg", "bp-fedavg")  # local epochs, weight averaging
+# field -> (default where it applies, the methods it applies to). Given for another method: refused.
+APPLIES = {
+    "num_perturbations": (200, BAFFLE_METHODS), "sigma": (1e-4, BAFFLE_METHODS),
+    "scheme": ("forward", BAFFLE_METHODS), "distribution": ("gaussian", BAFFLE_METHODS),
+    "perturbations": ("shared", BAFFLE_METHODS), "local_epochs": (1, FEDAVG_METHODS),
+    "schedule_unit": ("round", FEDSGD_METHODS), "warmup": (0, FEDSGD_METHODS),
+    "warmup_lr": (None, FEDSGD_METHODS), "lr_milestones": ((), FEDSGD_METHODS),
+    "lr_gamma": (0.1, FEDSGD_METHODS), "clip": (None, ("baffle", "baffle-fedavg", "bp-fedsgd")),
+}
+# field -> (default, the (field, value) that makes it apply, why)
+REQUIRES = {
+    "momentum": (0.9, ("optimizer", "sgd"), "it is an SGD setting"),
+    "nesterov": (False, ("optimizer", "sgd"), "it is an SGD setting"),
+    "adam_betas": ((0.9, 0.999), ("optimizer", "adam"), "it is an Adam setting"),
+    "ema_ramp": (False, ("ema_decay", ...), "it needs --ema-decay"),
+    "ema_every": ("round", ("ema_decay", ...), "it needs --ema-decay"),
+    "clip_norm_type": (math.inf, ("clip", ...), "it needs --clip"),
+    "clip_scope": ("server", ("clip", ...), "it needs --clip"),
+}
+
+
+def _apply_method_defaults(c: TrainConfig) -> None:
+    """Fill in each method-dependent setting, or refuse it where the method does not use it."""
+    for name, (default, methods) in APPLIES.items():
+        value = getattr(c, name)
+        if c.method not in methods:
+            if value is not None:
+                _fail(name, f"method {c.method!r} does not use it (it applies to {', '.join(methods)}); "
+                            "remove it")
+            object.__setattr__(c, name, None)
+        elif value is None:
+            object.__setattr__(c, name, default)
+    for name, (default, (key, wanted), why) in REQUIRES.items():
+        value, active = getattr(c, name), getattr(c, key) is not None if wanted is ... else getattr(c, key) == wanted
+        if not active:
+            if value is not None:
+                _fail(name, f"not used here: {why}; remove it")
+        elif value is None:
+            object.__setattr__(c, name, "client" if name == "clip_scope" and c.method in FEDAVG_METHODS
+                               else default)
+
+
 def _check_ranges(c: TrainConfig) -> None:
     positive_ints = ["clients", "num_perturbations", "batch_size", "local_epochs", "eval_batch_size"]
     for name in positive_ints + ["rounds", "eval_every", "image_size"]:
         v = getattr(c, name)
         if v is not None and v < 1:
             _fail(name, f"must be >= 1, got {v}")
-    for name in ["sigma", "lr", "local_lr", "epochs", "lr_gamma", "clip", "clip_norm_type"]:
+    for name in ["sigma", "lr", "epochs", "lr_gamma", "clip", "clip_norm_type", "warmup_lr"]:
         v = getattr(c, name)
         if v is not None and not (v > 0 and not math.isnan(v)):
             _fail(name, f"must be > 0, got {v}")
     if not 0 < c.fraction <= 1:
         _fail("fraction", f"must be in (0, 1], got {c.fraction}")
-    if not 0 <= c.val_fraction < 1:
-        _fail("val_fraction", f"must be in [0, 1), got {c.val_fraction}")
     if c.ema_decay is not None and not 0 < c.ema_decay < 1:
         _fail("ema_decay", f"must be in (0, 1), got {c.ema_decay}")
-    for name in ["momentum", "weight_decay", "warmup_rounds"]:
-        if getattr(c, name) < 0:
+    for name in ["momentum", "weight_decay", "warmup", "val_per_class"]:
+        if getattr(c, name) is not None and getattr(c, name) < 0:
             _fail(name, f"must be >= 0, got {getattr(c, name)}")
-    if any(m < 1 for m in c.lr_milestones):
-        _fail("lr_milestones", f"rounds must be >= 1, got {list(c.lr_milestones)}")
-    _check_choices(c)
+    if c.lr_milestones and any(m < 1 for m in c.lr_milestones):
+        _fail("lr_milestones", f"must be >= 1, got {list(c.lr_milestones)}")
+    if c.adam_betas is not None and (len(c.adam_betas) != 2 or not all(0 <= b < 1 for b in c.adam_betas)):
+        _fail("adam_betas", f"expected two numbers in [0, 1), e.g. 0.9,0.999; got {list(c.adam_betas)}")
+    if c.warmup_lr is not None and not c.warmup:
+        _fail("warmup_lr", "is the LR during the warm-up, but --warmup is 0; set --warmup or remove it")
+    if c.clip_scope == "server" and c.method in FEDAVG_METHODS:
+        _fail("clip_scope", f"method {c.method!r} clips each local step's estimate: use 'client'")
+    if c.nesterov and not c.momentum:
+        _fail("nesterov", "needs --momentum > 0")
 
 
 def _check_choices(c: TrainConfig) -> None:
@@ -141,10 +214,15 @@ def _check_choices(c: TrainConfig) -> None:
     from baffle.perturbation import DISTRIBUTIONS
 
     choices = {"method": METHODS, "scheme": SCHEMES, "distribution": DISTRIBUTIONS,
-               "optimizer": ("adam", "sgd"), "norm": ("none", "group"), "dataset": tuple(dataset_names())}
+               "optimizer": ("adam", "sgd"), "norm": ("none", "group"), "dataset": tuple(dataset_names()),
+               "normalize": ("mean-std", "none", "published"), "augment": ("none", "crop-flip"),
+               "client_weights": ("examples", "equal"), "perturbations": ("shared", "per-client"),
+               "schedule_unit": ("round", "epoch"), "clip_scope": ("client", "server"),
+               "ema_every": ("round", "epoch"), "memory_format": ("auto", "nchw", "channels_last")}
     for name, allowed in choices.items():
-        if getattr(c, name) not in allowed:
-            _fail(name, f"unknown value {getattr(c, name)!r}; choose one of {', '.join(allowed)}")
+        value = getattr(c, name)
+        if value is not None and value not in allowed:
+            _fail(name, f"unknown value {value!r}; choose one of {', '.join(allowed)}")
     if c.model is not None and c.model not in model_names():
         _fail("model", f"unknown model {c.model!r}; choose one of {', '.join(model_names())}")
     try:
@@ -199,4 +277,4 @@ def make_config(*layers: dict) -> TrainConfig:
     return TrainConfig(**merged)
 
 
-__all__ = ["FIELDS", "METHODS", "TrainConfig", "flag", "load_toml", "make_config", "normalise_keys"]
+__all__ = ["APPLIES", "BAFFLE_METHODS", "FEDAVG_METHODS", "FEDSGD_METHODS", "FIELDS", "METHODS", "TrainConfig", "flag", "load_toml", "make_config", "normalise_keys"]

@@ -15,12 +15,19 @@ W ± σ·ε_k — and combine the losses exactly as the plain loop does:
 ``auto``        batched for fully connected models with a vmap-safe loss (where one slot's forward
                 is too small to fill the cores), sequential otherwise (conv nets on CPU: measured).
 
+Memory layout: ``FastOptions.memory_format`` None computes in the model's own layout (NCHW for
+models as built); "channels_last" computes 4-D weights and inputs in that layout (faster for some conv
+nets on CPU, slower for others: measured). ``choose_memory_format`` probes which one is faster for a
+model and batch; it is a timing measurement, so a runner probes once and records the answer.
+
 Slots per batched call: P = budget / (bytes of one slot's weights + activations, probed once per
 input shape with forward hooks), chosen from the model and batch shapes alone, so a run's results
 never depend on timing.
 """
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from baffle._alloc import auto_tune_malloc
 from baffle._perturb import Perturber, swapped_data
 from baffle.client import Batch, LossFn, as_batches, mean_loss, validate_model
 from baffle.estimator import check_estimator_args, num_directions
@@ -35,6 +43,7 @@ from baffle.perturbation import trainable_parameters
 
 MODES = ("auto", "sequential", "batched")
 MEMORY_FORMATS = (None, "channels_last")
+CHANNELS_LAST_MIN_GAIN = 0.10  # choose_memory_format: channels_last must be >= 10 % faster (median)
 VMAP_SAFE_LOSSES = (F.cross_entropy, F.mse_loss, F.nll_loss)
 _DENSE_LEAVES = (nn.Linear, nn.Flatten, nn.Identity, nn.GroupNorm, nn.LayerNorm, nn.Dropout, nn.Hardswish,
                  nn.ReLU, nn.SELU, nn.GELU, nn.SiLU, nn.Tanh, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Softplus)
@@ -43,7 +52,8 @@ _DENSE_LEAVES = (nn.Linear, nn.Flatten, nn.Identity, nn.GroupNorm, nn.LayerNorm,
 @dataclass(frozen=True)
 class FastOptions:
     """Engine choice: ``mode`` in MODES; ``memory_format`` None (keep) or "channels_last" (4-D
-    weights and inputs; results then follow channels_last kernels); ``budget_bytes`` bounds one
+    weights and inputs; results then follow channels_last kernels, within float32 rounding of
+    NCHW; ``choose_memory_format`` measures which is faster); ``budget_bytes`` bounds one
     batched call's weights + activations; ``max_slots`` caps P; ``keep_rows`` keeps every slot's
     weights (when S·n numbers fit in ``budget_bytes``) for the engine's next client: a runner whose
     clients share a round seed then regenerates no noise after the first client."""
@@ -116,6 +126,7 @@ class ClientEngine:
                  scheme: str = "forward", distribution: str = "gaussian", options: FastOptions = FastOptions()):
         check_estimator_args(num_perturbations, sigma, scheme)
         validate_model(model)
+        auto_tune_malloc()  # many forwards follow: keep their scratch buffers (BAFFLE_TUNE_MALLOC=0 opts out)
         self.model, self.scheme, self.options = model, scheme, options
         named = trainable_parameters(model)
         if not named:
@@ -175,8 +186,9 @@ class ClientEngine:
 
     def _sequential(self, batches: list[Batch], loss_fn: LossFn) -> list[float]:
         shapes = [q.shape for q in self.params]
-        rows = None if self.options.memory_format else self._all_rows()
-        if rows is not None:  # kept rows: point the parameters at each row in turn (no copy)
+        cl = self.options.memory_format == "channels_last"
+        rows = self._all_rows()
+        if rows is not None and not cl:  # kept rows: point the parameters at each row in turn (no copy)
             losses = []
             for row in rows:
                 with swapped_data(self.params, self.perturber.views(row, shapes)):
@@ -184,17 +196,18 @@ class ClientEngine:
             return losses
         work = torch.empty(self.perturber.n, dtype=self.perturber.dtype, device=self.perturber.device)
         views = self.perturber.views(work, shapes)
-        cl = self.options.memory_format == "channels_last"
         compute = [torch.empty_like(v, memory_format=torch.channels_last) if cl and v.dim() == 4 else v
                    for v in views]
         copies = [(c, v) for c, v in zip(compute, views) if c is not v]
         if cl:
-            batches = [(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x, y)
-                       for x, y in batches]
-        losses, plan = [], self.perturber.bind(work)
+            batches = [(_channels_last(x), y) for x, y in batches]
+        losses, plan = [], None if rows is not None else self.perturber.bind(work)
         with swapped_data(self.params, compute):
-            for slot in self.slots:
-                self._write(work, slot, plan)
+            for i, slot in enumerate(self.slots):
+                if rows is None:
+                    self._write(work, slot, plan)
+                else:  # kept rows (channels_last): copy instead of regenerating the noise
+                    work.copy_(rows[i])
                 for c, v in copies:
                     c.copy_(v)
                 losses.append(mean_loss(self.model, batches, loss_fn))
@@ -237,6 +250,54 @@ class ClientEngine:
         return [t / count for t in totals]
 
 
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A channels_last copy of a 4-D tensor (others as they are). Not ``x.contiguous(...)``: with one
+    channel (MNIST inputs, the first conv's weight) that keeps NCHW strides and the kernels stay NCHW."""
+    return torch.empty_like(x, memory_format=torch.channels_last).copy_(x) if x.dim() == 4 else x
+
+
+def choose_memory_format(model: nn.Module, batch: Batch | Sequence[Batch], loss_fn: LossFn, *,
+                         repeats: int = 7, warmup: int = 2) -> str | None:
+    """Return "channels_last" if the client's forwards are clearly faster in that layout, else None (NCHW).
+
+    Times ``mean_loss(model, batch, loss_fn)`` (one forward + loss per batch, no autograd) with the
+    trainable 4-D weights and the 4-D inputs in NCHW and in channels_last: ``warmup`` untimed then
+    ``repeats`` timed passes per layout, the layouts alternating. channels_last is chosen only if its
+    median is at least ``CHANNELS_LAST_MIN_GAIN`` (10 %) below NCHW's. Models without trainable 4-D
+    weights return None without probing. Tunes the allocator first (``auto_tune_malloc``), so both
+    layouts are timed under the settings the run will use.
+
+    The answer depends on the machine and its load: probe once per run, record the answer (e.g. in
+    the checkpoint) and pass it on as ``FastOptions(memory_format=...)``. The model is not changed:
+    its parameters point at temporary copies during the probe and get their own tensors back.
+    """
+    for name, value, least in (("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    validate_model(model)  # train-mode BatchNorm would also update its running statistics here
+    params = [p for _, p in trainable_parameters(model)]
+    if not any(p.dim() == 4 for p in params):
+        return None
+    auto_tune_malloc()
+    batches = as_batches(batch)
+    layouts = {None: ([p.detach().contiguous() for p in params], [(x.contiguous(), y) for x, y in batches]),
+               "channels_last": ([_channels_last(p.detach()) for p in params],
+                                 [(_channels_last(x), y) for x, y in batches])}
+    times: dict[str | None, list[float]] = {fmt: [] for fmt in layouts}
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            for fmt in (list(layouts) if i % 2 == 0 else list(reversed(layouts))):
+                weights, data = layouts[fmt]
+                with swapped_data(params, weights):
+                    start = time.perf_counter()
+                    mean_loss(model, data, loss_fn)  # float() of the loss waits for the device
+                    elapsed = time.perf_counter() - start
+                if i >= warmup:
+                    times[fmt].append(elapsed)
+    nchw, channels_last = statistics.median(times[None]), statistics.median(times["channels_last"])
+    return "channels_last" if channels_last <= (1 - CHANNELS_LAST_MIN_GAIN) * nchw else None
+
+
 def loss_diffs(model: nn.Module, batch: Batch | Sequence[Batch], *, loss_fn: LossFn, seed: int,
                num_perturbations: int, sigma: float, scheme: str = "forward", distribution: str = "gaussian",
                options: FastOptions = FastOptions()) -> tuple[torch.Tensor, float]:
@@ -246,4 +307,4 @@ def loss_diffs(model: nn.Module, batch: Batch | Sequence[Batch], *, loss_fn: Los
     return engine.loss_diffs(batch, loss_fn)
 
 
-__all__ = ["ClientEngine", "FastOptions", "MODES", "assemble", "loss_diffs", "scheme_slots"]
+__all__ = ["ClientEngine", "FastOptions", "MODES", "assemble", "choose_memory_format", "loss_diffs", "scheme_slots"]

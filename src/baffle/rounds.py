@@ -3,12 +3,13 @@
   plan_round            server: the round's seed and estimator settings (what is broadcast)
   baffle_client_update  client: K-vector ΔL on local batches, forward passes only
   baffle_server_update  server: weighted sum of K-vectors → ĝ → optimizer step
-  baffle_local_training client, epoch-level mode: several local BAFFLE steps (plain SGD)
-  fedavg_server_update  server, epoch-level modes: sample-weighted average of client weights
+  baffle_local_training client, epoch-level mode: local BAFFLE steps with its persistent optimizer
+  fedavg_server_update  server, epoch-level modes: weighted average of client weights
   bp_*                  the backprop baselines (FedSGD with exact gradients, FedAvg with local SGD)
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -19,9 +20,11 @@ from baffle.client import Batch, LossFn, compute_loss_diffs
 from baffle.estimator import check_estimator_args, num_directions
 from baffle.fast import ClientEngine, FastOptions
 from baffle.perturbation import check_distribution, derive_seed, trainable_parameters
-from baffle.server import ClientReply, ServerState, aggregate_loss_diffs, average_state, rebuild_gradient_dict
+from baffle.server import (ClientReply, ServerState, aggregate_loss_diffs, average_state, check_reply, client_weights,
+                           clip_gradients, combine_gradients, rebuild_gradient_dict)
 
-_ROUND_TAG = 0x5EED
+_ROUND_TAG, _CLIENT_TAG = 0x5EED, 0xC11E
+PERTURBATIONS = ("shared", "per-client")
 
 
 @dataclass(frozen=True)
@@ -47,25 +50,40 @@ class RoundPlan:
     server_round: int
     seed: int
     estimator: EstimatorSpec
+    perturbations: str = "shared"
 
-    def step_seed(self, local_step: int) -> int:
-        """Seed of a local step in epoch-level mode (step 0 uses the round seed itself)."""
-        return self.seed if local_step == 0 else derive_seed(self.seed, local_step)
+    def __post_init__(self):
+        if self.perturbations not in PERTURBATIONS:
+            raise ValueError(f"unknown perturbations {self.perturbations!r}; use one of {', '.join(PERTURBATIONS)}")
+
+    def client_seed(self, client_id: int) -> int:
+        """The seed of client ``client_id``'s directions: the round seed when they are shared, else
+        its own seed derived from (round seed, client id), as the published code's independent noise."""
+        return self.seed if self.perturbations == "shared" else derive_seed(self.seed, _CLIENT_TAG, int(client_id))
+
+    def step_seed(self, local_step: int, client_id: int = 0) -> int:
+        """Seed of a local step in epoch-level mode (step 0 uses the client's round seed itself)."""
+        seed = self.client_seed(client_id)
+        return seed if local_step == 0 else derive_seed(seed, local_step)
 
 
-def plan_round(base_seed: int, server_round: int, estimator: EstimatorSpec) -> RoundPlan:
-    return RoundPlan(server_round, derive_seed(base_seed, server_round, _ROUND_TAG), estimator)
+def plan_round(base_seed: int, server_round: int, estimator: EstimatorSpec,
+               perturbations: str = "shared") -> RoundPlan:
+    return RoundPlan(server_round, derive_seed(base_seed, server_round, _ROUND_TAG), estimator, perturbations)
 
 
 RUNNER_CLIENT = FastOptions(mode="sequential", keep_rows=True)
 
 
-def client_engine(model: nn.Module, plan: RoundPlan, options: FastOptions = RUNNER_CLIENT) -> ClientEngine:
-    """The round's client computation, shared by its clients (build one per round: it reads the weights
-    as they are now). The default is bit-identical to ``compute_loss_diffs`` and, when all K+1 weight
-    vectors fit in its budget, generates them once per round instead of once per client."""
+def client_engine(model: nn.Module, plan: RoundPlan, options: FastOptions = RUNNER_CLIENT,
+                  client_id: int = 0) -> ClientEngine:
+    """Client ``client_id``'s computation this round (build it per round: it reads the weights as they
+    are now); with shared perturbations one engine serves all the round's clients. The default is
+    bit-identical to ``compute_loss_diffs`` and, when all K+1 weight vectors fit in its budget,
+    generates them once per round instead of once per client."""
     e = plan.estimator
-    return ClientEngine(model, seed=plan.seed, num_perturbations=e.num_perturbations, sigma=e.sigma,
+    return ClientEngine(model, seed=plan.client_seed(client_id), num_perturbations=e.num_perturbations,
+                        sigma=e.sigma,
                         scheme=e.scheme, distribution=e.distribution, options=options)
 
 
@@ -76,48 +94,75 @@ def baffle_client_update(model: nn.Module, batches: Sequence[Batch], plan: Round
     if engine is not None:
         diffs, loss = engine.loss_diffs(list(batches), loss_fn)
     else:
-        diffs, loss = compute_loss_diffs(model, list(batches), loss_fn=loss_fn, seed=plan.seed,
+        diffs, loss = compute_loss_diffs(model, list(batches), loss_fn=loss_fn, seed=plan.client_seed(client_id),
                                          num_perturbations=e.num_perturbations, sigma=e.sigma, scheme=e.scheme,
                                          distribution=e.distribution, return_loss=True)
     return ClientReply(client_id, diffs, sum(len(y) for _, y in batches), loss)
 
 
-def baffle_server_update(state: ServerState, replies: Sequence[ClientReply], plan: RoundPlan) -> torch.Tensor:
-    """Σ_c w_c ΔL^c, rebuild ĝ from the round seed, step the server optimizer; returns the combined ΔL."""
-    e = plan.estimator
-    diffs = aggregate_loss_diffs(replies, e.num_directions)
-    grads = rebuild_gradient_dict(state.model, diffs, seed=plan.seed, sigma=e.sigma, scheme=e.scheme,
-                                  distribution=e.distribution)
-    state.step(grads)
+def baffle_server_update(state: ServerState, replies: Sequence[ClientReply], plan: RoundPlan, *,
+                         weighting: str = "examples", update_ema: bool = True) -> torch.Tensor:
+    """Rebuild ĝ from the replies and step the server optimizer; returns Σ_c w_c ΔL^c.
+
+    Shared directions without client-side clipping: ĝ = rebuild(Σ_c w_c ΔL^c), one rebuild (what
+    secure aggregation allows). Otherwise ĝ = Σ_c w_c clip(rebuild_c(ΔL^c)): each client's estimate
+    is rebuilt from its own seed (per-client directions) and clipped if the clip scope is "client"
+    (the published code's per-client ∞-norm clip); the server needs every client's vector for this.
+    """
+    e, spec = plan.estimator, state.spec
+    diffs = aggregate_loss_diffs(replies, e.num_directions, weighting)
+    per_client_clip = spec.clip is not None and spec.clip_scope == "client"
+    if plan.perturbations == "shared" and not per_client_clip:
+        grads = _rebuild(state.model, diffs, plan.seed, e)
+    else:
+        weights = client_weights([r.num_examples for r in replies], weighting)
+        parts = []
+        for r, w in zip(replies, weights):
+            g = _rebuild(state.model, check_reply(r, e.num_directions), plan.client_seed(r.client_id), e)
+            if per_client_clip:
+                clip_gradients(g, spec.clip, spec.clip_norm_type)
+            parts.append((g, w))
+        grads = combine_gradients(parts)
+    state.step(grads, update_ema=update_ema)
     return diffs
 
 
-def _sgd_step(model: nn.Module, grads: dict[str, torch.Tensor], lr: float) -> None:
-    with torch.no_grad():
-        for name, p in trainable_parameters(model):
-            p.sub_(grads[name], alpha=lr)
+def _rebuild(model: nn.Module, diffs: torch.Tensor, seed: int, e: EstimatorSpec) -> dict[str, torch.Tensor]:
+    return rebuild_gradient_dict(model, diffs, seed=seed, sigma=e.sigma, scheme=e.scheme, distribution=e.distribution)
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, model: nn.Module, grads: dict[str, torch.Tensor]) -> None:
+    for name, p in trainable_parameters(model):
+        p.grad = grads[name]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def baffle_local_training(model: nn.Module, batches: Iterable[Batch], plan: RoundPlan, loss_fn: LossFn,
-                          local_lr: float) -> tuple[int, float]:
-    """Local BAFFLE steps W ← W − η ĝ, one per batch (in place); returns (examples seen, mean L(W))."""
+                          optimizer: torch.optim.Optimizer, *, client_id: int = 0, clip: float | None = None,
+                          clip_norm_type: float = math.inf) -> tuple[int, float]:
+    """Local BAFFLE steps, one per batch (in place): p.grad = clip(ĝ), ``optimizer.step()`` with the
+    client's own optimizer over ``model``'s parameters, whose state the caller keeps across rounds
+    (the published epoch-level mode). Returns (examples seen, mean L(W))."""
     e, seen, losses = plan.estimator, 0, []
     for step, batch in enumerate(batches):
-        seed = plan.step_seed(step)
+        seed = plan.step_seed(step, client_id)
         diffs, loss = compute_loss_diffs(model, batch, loss_fn=loss_fn, seed=seed,
                                          num_perturbations=e.num_perturbations, sigma=e.sigma,
                                          scheme=e.scheme, distribution=e.distribution, return_loss=True)
-        grads = rebuild_gradient_dict(model, diffs, seed=seed, sigma=e.sigma, scheme=e.scheme,
-                                      distribution=e.distribution)
-        _sgd_step(model, grads, local_lr)
+        grads = _rebuild(model, diffs, seed, e)
+        if clip is not None:
+            clip_gradients(grads, clip, clip_norm_type)
+        _optimizer_step(optimizer, model, grads)
         seen += len(batch[1])
         losses.append(loss)
     return seen, sum(losses) / max(len(losses), 1)
 
 
-def fedavg_server_update(state: ServerState, client_states: Sequence[tuple[dict, int]]) -> None:
-    """W ← Σ_c (n_c/Σn) W_c, then the EMA update (the server optimizer is not used)."""
-    state.model.load_state_dict(average_state(client_states))
+def fedavg_server_update(state: ServerState, client_states: Sequence[tuple[dict, int]],
+                         weighting: str = "examples") -> None:
+    """W ← Σ_c w_c W_c, then the EMA update (the server optimizer is not used)."""
+    state.model.load_state_dict(average_state(client_states, weighting))
     state.update_ema()
 
 
@@ -130,18 +175,27 @@ def bp_gradient(model: nn.Module, batch: Batch, loss_fn: LossFn) -> tuple[dict[s
     return {name: g for (name, _), g in zip(named, grads)}, float(loss.detach())
 
 
-def bp_fedsgd_server_update(state: ServerState, client_grads: Sequence[tuple[dict, int]]) -> None:
-    """Sample-weighted mean of exact client gradients → server optimizer step."""
-    state.step(average_state(client_grads))
+def bp_fedsgd_server_update(state: ServerState, client_grads: Sequence[tuple[dict, int]], *,
+                            weighting: str = "examples", update_ema: bool = True) -> None:
+    """Weighted mean of exact client gradients → server optimizer step. Clipped only when a clip is
+    configured (each client's gradient first if its scope is "client"); the published code never
+    clips its backprop baseline."""
+    spec = state.spec
+    if spec.clip is not None and spec.clip_scope == "client":
+        for g, _ in client_grads:
+            clip_gradients(g, spec.clip, spec.clip_norm_type)
+    weights = client_weights([n for _, n in client_grads], weighting)
+    state.step(combine_gradients([(g, w) for (g, _), w in zip(client_grads, weights)]), update_ema=update_ema)
 
 
 def bp_local_training(model: nn.Module, batches: Iterable[Batch], loss_fn: LossFn,
-                      local_lr: float) -> tuple[int, float]:
-    """Local SGD with exact gradients (in place); returns (examples seen, mean batch loss)."""
+                      optimizer: torch.optim.Optimizer) -> tuple[int, float]:
+    """Local steps with exact gradients and the client's own optimizer (in place); returns
+    (examples seen, mean batch loss)."""
     seen, losses = 0, []
     for batch in batches:
         grads, loss = bp_gradient(model, batch, loss_fn)
-        _sgd_step(model, grads, local_lr)
+        _optimizer_step(optimizer, model, grads)
         seen += len(batch[1])
         losses.append(loss)
     return seen, sum(losses) / max(len(losses), 1)

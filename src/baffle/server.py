@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from baffle.estimator import check_loss_diffs, rebuild_flat_gradient
 from baffle.perturbation import split_like, trainable_parameters
@@ -36,15 +36,29 @@ def check_reply(reply: ClientReply, expected_len: int) -> torch.Tensor:
     return check_loss_diffs(reply.loss_diffs, expected_len, source=source)
 
 
-def aggregate_loss_diffs(replies: Sequence[ClientReply], expected_len: int) -> torch.Tensor:
-    """ΔL = Σ_c (n_c / Σ n) ΔL^c: the sample-weighted combination (a plain sum after weighting)."""
+WEIGHTINGS = ("examples", "equal")
+
+
+def client_weights(num_examples: Sequence[int], rule: str = "examples") -> list[float]:
+    """w_c = n_c / Σ n ("examples", the default everywhere) or 1 / C ("equal", the published code's
+    ``create_client_weight``; identical under its equal-size IID split)."""
+    if rule == "examples":
+        total = sum(num_examples)
+        return [n / total for n in num_examples]
+    if rule == "equal":
+        return [1 / len(num_examples)] * len(num_examples)
+    raise ValueError(f"unknown client weighting {rule!r}; use one of {', '.join(WEIGHTINGS)}")
+
+
+def aggregate_loss_diffs(replies: Sequence[ClientReply], expected_len: int,
+                         weighting: str = "examples") -> torch.Tensor:
+    """ΔL = Σ_c w_c ΔL^c (``client_weights``): the combination secure aggregation can compute."""
     if not replies:
         raise ValueError("no client replies to aggregate")
     vectors = [check_reply(r, expected_len) for r in replies]
-    total = sum(r.num_examples for r in replies)
     out = torch.zeros(expected_len, dtype=torch.float64)
-    for r, v in zip(replies, vectors):
-        out.add_(v, alpha=r.num_examples / total)
+    for w, v in zip(client_weights([r.num_examples for r in replies], weighting), vectors):
+        out.add_(v, alpha=w)
     return out
 
 
@@ -66,9 +80,10 @@ def rebuild_gradient_dict(
     return {name: g.to(device=p.device, dtype=p.dtype) for (name, p), g in zip(named, split_like(flat, params))}
 
 
-def average_state(states: Sequence[tuple[dict[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:
-    """FedAvg: Σ_c (n_c / Σ n) W_c over floating-point entries (other entries from the first state)."""
-    total = sum(n for _, n in states)
+def average_state(states: Sequence[tuple[dict[str, torch.Tensor], int]],
+                  weighting: str = "examples") -> dict[str, torch.Tensor]:
+    """FedAvg: Σ_c w_c W_c over floating-point entries (other entries from the first state)."""
+    weights = client_weights([n for _, n in states], weighting)
     first = states[0][0]
     out = {}
     for key, value in first.items():
@@ -76,46 +91,107 @@ def average_state(states: Sequence[tuple[dict[str, torch.Tensor], int]]) -> dict
             out[key] = value.clone()
             continue
         acc = torch.zeros_like(value, dtype=torch.float64)
-        for state, n in states:
-            acc.add_(state[key].to(torch.float64), alpha=n / total)
+        for (state, _), w in zip(states, weights):
+            acc.add_(state[key].to(torch.float64), alpha=w)
         out[key] = acc.to(value.dtype)
     return out
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """Server optimizer, schedule, clipping and EMA settings (parsed once at the edge)."""
+    """Optimizer, LR schedule, clipping and EMA settings (parsed once at the edge).
+
+    ``warmup`` and ``lr_milestones`` count units of ``unit_rounds`` server steps (1: rounds; the
+    rounds of one epoch: epochs, as the published code's per-epoch ``MultiStepLR``).
+    """
 
     name: str = "adam"
     lr: float = 1e-3
     momentum: float = 0.9
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
-    warmup_rounds: int = 0
+    unit_rounds: int = 1
+    warmup: int = 0
+    warmup_lr: float | None = None
     lr_milestones: tuple[int, ...] = ()
     lr_gamma: float = 0.1
     clip: float | None = None
     clip_norm_type: float = math.inf
+    clip_scope: str = "server"
     ema_decay: float | None = None
+    ema_ramp: bool = False
 
 
 def build_optimizer(params, spec: OptimizerSpec) -> torch.optim.Optimizer:
+    """``torch.optim.Adam`` (coupled L2 weight decay, as the published code) or ``torch.optim.SGD``."""
     if spec.name == "adam":
-        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        return torch.optim.Adam(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
     if spec.name == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
+                               weight_decay=spec.weight_decay)
     raise ValueError(f"unknown optimizer {spec.name!r}; use 'adam' or 'sgd'")
 
 
-class LRFactor:
-    """Multiplier of the base LR at a server step: linear warm-up, then ×gamma at each milestone."""
+def clip_gradients(grads: dict[str, torch.Tensor], max_norm: float, norm_type: float = math.inf) -> float:
+    """Scale ``grads`` in place by min(1, max_norm / (‖g‖ + 1e-6)), the norm taken over all tensors
+    together (``torch.nn.utils.clip_grad_norm_``'s rule; the published code: ∞-norm, 0.3, applied to
+    each client's estimate). Returns the norm before clipping."""
+    norms = torch.stack([torch.linalg.vector_norm(g.detach().double(), norm_type) for g in grads.values()])
+    total = float(torch.linalg.vector_norm(norms, norm_type))
+    coef = max_norm / (total + 1e-6)
+    if coef < 1:
+        for g in grads.values():
+            g.mul_(coef)
+    return total
 
-    def __init__(self, warmup_rounds: int, milestones: tuple[int, ...], gamma: float):
-        self.warmup_rounds, self.milestones, self.gamma = warmup_rounds, milestones, gamma
+
+def combine_gradients(grads: Sequence[tuple[dict[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
+    """Σ_c w_c ĝ_c for (gradient dict, weight) pairs, accumulated in float64."""
+    out = {}
+    for key, value in grads[0][0].items():
+        acc = torch.zeros_like(value, dtype=torch.float64)
+        for g, w in grads:
+            acc.add_(g[key].to(torch.float64), alpha=w)
+        out[key] = acc.to(value.dtype)
+    return out
+
+
+class LRFactor:
+    """Multiplier of the base LR at server step ``step`` (0-based): during the first ``warmup`` units
+    either warmup_lr / lr (constant) or a linear ramp, then ×gamma for each milestone unit reached."""
+
+    def __init__(self, spec: OptimizerSpec):
+        # plain attributes only: LambdaLR's state_dict stores them, and checkpoints load weights_only
+        self.unit_rounds, self.warmup, self.milestones = spec.unit_rounds, spec.warmup, list(spec.lr_milestones)
+        self.warmup_factor = None if spec.warmup_lr is None else spec.warmup_lr / spec.lr
+        self.gamma = spec.lr_gamma
 
     def __call__(self, step: int) -> float:
-        if step < self.warmup_rounds:
-            return (step + 1) / (self.warmup_rounds + 1)
-        return self.gamma ** sum(step >= m for m in self.milestones)
+        unit = step // self.unit_rounds
+        if unit < self.warmup:
+            if self.warmup_factor is not None:
+                return self.warmup_factor
+            return (step + 1) / (self.warmup * self.unit_rounds + 1)
+        return self.gamma ** sum(unit >= m for m in self.milestones)
+
+
+def ema_decay_at(decay: float, update: int, ramp: bool) -> float:
+    """Decay of the ``update``-th EMA update (1-based): ``decay``, or torch_ema's ramp
+    min(decay, (1 + t) / (10 + t)) (its default ``use_num_updates=True``, used by the published code)."""
+    return min(decay, (1 + update) / (10 + update)) if ramp else decay
+
+
+def make_ema(model: nn.Module, decay: float, ramp: bool) -> AveragedModel:
+    """EMA shadow weights (``torch.optim.swa_utils.AveragedModel``) starting from the current weights:
+    shadow ← shadow − (1 − d_t)(shadow − W) at the t-th update."""
+    def blend(shadow, current, num_averaged):
+        d = ema_decay_at(decay, int(num_averaged), ramp)  # num_averaged = t: the initial copy counts once
+        return shadow - (1 - d) * (shadow - current)
+
+    ema = AveragedModel(model, avg_fn=blend, use_buffers=True)
+    ema.n_averaged.fill_(1)  # the shadow already holds the initial weights: blend from the first update
+    return ema
 
 
 class ServerState:
@@ -125,22 +201,20 @@ class ServerState:
         self.model, self.spec = model, spec
         self.params = [p for _, p in trainable_parameters(model)]
         self.optimizer = build_optimizer(self.params, spec)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, LRFactor(spec.warmup_rounds, spec.lr_milestones, spec.lr_gamma))
-        self.ema = None
-        if spec.ema_decay is not None:
-            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(spec.ema_decay), use_buffers=True)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LRFactor(spec))
+        self.ema = None if spec.ema_decay is None else make_ema(model, spec.ema_decay, spec.ema_ramp)
 
-    def step(self, grads: dict[str, torch.Tensor]) -> None:
-        """p.grad = ĝ, optional clipping, optimizer step, LR schedule step, EMA update."""
+    def step(self, grads: dict[str, torch.Tensor], *, update_ema: bool = True) -> None:
+        """p.grad = ĝ, clipping if its scope is the server, optimizer step, LR schedule step, EMA update."""
         for name, p in trainable_parameters(self.model):
             p.grad = grads[name]
-        if self.spec.clip is not None:
+        if self.spec.clip is not None and self.spec.clip_scope == "server":
             torch.nn.utils.clip_grad_norm_(self.params, self.spec.clip, norm_type=self.spec.clip_norm_type)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.update_ema()
+        if update_ema:
+            self.update_ema()
 
     def update_ema(self) -> None:
         if self.ema is not None:

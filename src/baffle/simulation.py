@@ -16,20 +16,24 @@ from torch.nn.functional import cross_entropy
 
 from baffle import rounds as R
 from baffle.config import TrainConfig
-from baffle.data import ArrayDataset, load_dataset, partition_indices
+from baffle.config import FEDAVG_METHODS
+from baffle.data import ArrayDataset, augment_batch, load_dataset, partition_indices
 from baffle.estimator import forward_passes
 from baffle.models import build_model
 from baffle.perturbation import derive_seed, num_trainable, trainable_parameters
-from baffle.server import OptimizerSpec, ServerState
+from baffle.fast import FastOptions, choose_memory_format
+from baffle.server import OptimizerSpec, ServerState, build_optimizer
 
-_INIT_TAG, _SAMPLE_TAG, _ORDER_TAG = 0x1417, 0x5A3F, 0x0BD3
+_INIT_TAG, _SAMPLE_TAG, _ORDER_TAG, _AUGMENT_TAG = 0x1417, 0x5A3F, 0x0BD3, 0xA06E
 
 
 class ClientShards:
     """Per-client training indices and a batch cursor over seeded per-epoch permutations."""
 
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, clients, seed: int):
-        self.inputs, self.targets, self.seed = inputs, targets, seed
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, clients, seed: int, augment: str = "none"):
+        if augment not in ("none", "crop-flip"):
+            raise ValueError(f"unknown augment {augment!r}; use 'none' or 'crop-flip'")
+        self.inputs, self.targets, self.seed, self.augment = inputs, targets, seed, augment
         self.indices = [np.asarray(c, dtype=np.int64) for c in clients]
         self.epoch = np.zeros(len(self.indices), dtype=np.int64)
         self.cursor = np.zeros(len(self.indices), dtype=np.int64)
@@ -52,15 +56,19 @@ class ClientShards:
         return cached[1]
 
     def next_batch(self, cid: int, batch_size: int) -> R.Batch:
-        """The client's next batch; the last batch of a local epoch may be smaller."""
-        order, start = self._order(cid), int(self.cursor[cid])
+        """The client's next batch; the last batch of a local epoch may be smaller. With
+        ``augment="crop-flip"`` its images are augmented (seeded by client, local epoch and position)."""
+        order, start, epoch = self._order(cid), int(self.cursor[cid]), int(self.epoch[cid])
         idx = order[start : start + batch_size]
         self.cursor[cid] = start + len(idx)
         if self.cursor[cid] >= self.size(cid):
             self.epoch[cid] += 1
             self.cursor[cid] = 0
         t = torch.from_numpy(idx)
-        return self.inputs[t], self.targets[t]
+        x = self.inputs[t]
+        if self.augment == "crop-flip":
+            x = augment_batch(x, seed=derive_seed(self.seed, _AUGMENT_TAG, cid, epoch, start))
+        return x, self.targets[t]
 
     def seek(self, cid: int, batches_taken: int, batch_size: int) -> None:
         """Put client ``cid``'s cursor where ``batches_taken`` calls of ``next_batch`` leave it.
@@ -137,55 +145,85 @@ def build_run_model(config: TrainConfig, data: ArrayDataset) -> torch.nn.Module:
                        seed=derive_seed(config.seed, _INIT_TAG), **options)
 
 
-def optimizer_spec(config: TrainConfig) -> OptimizerSpec:
-    return OptimizerSpec(name=config.optimizer, lr=config.lr, momentum=config.momentum,
-                         weight_decay=config.weight_decay, warmup_rounds=config.warmup_rounds,
-                         lr_milestones=config.lr_milestones, lr_gamma=config.lr_gamma, clip=config.clip,
-                         clip_norm_type=config.clip_norm_type, ema_decay=config.ema_decay)
+def optimizer_spec(config: TrainConfig, rounds_per_epoch: int = 1) -> OptimizerSpec:
+    """The method's optimizer (the server's in FedSGD methods, each client's in epoch-level ones)."""
+    c = config
+    unit = rounds_per_epoch if c.schedule_unit == "epoch" else 1
+    return OptimizerSpec(name=c.optimizer, lr=c.lr, momentum=c.momentum or 0.0, nesterov=bool(c.nesterov),
+                         betas=c.adam_betas or (0.9, 0.999), weight_decay=c.weight_decay, unit_rounds=unit,
+                         warmup=c.warmup or 0, warmup_lr=c.warmup_lr, lr_milestones=c.lr_milestones or (),
+                         lr_gamma=c.lr_gamma or 0.1, clip=c.clip, clip_norm_type=c.clip_norm_type or math.inf,
+                         clip_scope=c.clip_scope or "server", ema_decay=c.ema_decay, ema_ramp=bool(c.ema_ramp))
 
 
-def estimator_spec(config: TrainConfig) -> R.EstimatorSpec:
+def estimator_spec(config: TrainConfig) -> R.EstimatorSpec | None:
+    if config.num_perturbations is None:  # a backprop method
+        return None
     return R.EstimatorSpec(config.num_perturbations, config.sigma, config.scheme, config.distribution)
+
+
+LAYOUTS = {"nchw": None, "channels_last": "channels_last"}
 
 
 class Simulation:
     """Everything a run holds between rounds; ``run_round`` advances it by one server round."""
 
     def __init__(self, config: TrainConfig):
-        self.config = config
-        data = load_dataset(config.dataset, config.data_dir, image_size=config.image_size)
+        self.config = c = config
+        data = load_dataset(c.dataset, c.data_dir, image_size=c.image_size, normalize=c.normalize)
         try:
-            part = partition_indices(data.train_targets, config.clients, config.partition, seed=config.seed,
-                                     val_fraction=config.val_fraction, num_classes=data.num_classes)
+            part = partition_indices(data.train_targets, c.clients, c.partition, seed=c.seed,
+                                     val_per_class=c.val_per_class, num_classes=data.num_classes)
         except ValueError as e:
-            raise ValueError(f"--clients {config.clients} / --partition {config.partition}: {e}") from None
+            raise ValueError(f"--clients {c.clients} / --partition {c.partition} / --val-per-class "
+                             f"{c.val_per_class}: {e}") from None
         self.data, self.validation = data, torch.from_numpy(np.asarray(part.validation, dtype=np.int64))
-        self.shards = ClientShards(data.train_inputs, data.train_targets, part.clients, config.seed)
-        self.model = build_run_model(config, data)
-        self.server = ServerState(self.model, optimizer_spec(config))
-        self.estimator = estimator_spec(config)
+        self.shards = ClientShards(data.train_inputs, data.train_targets, part.clients, c.seed, c.augment)
+        self.model = build_run_model(c, data)
+        self.rounds_per_epoch = rounds_per_epoch(c, self.shards)
+        spec = optimizer_spec(c, self.rounds_per_epoch)
+        self.server = ServerState(self.model, spec)
+        self.local_optimizers = None  # epoch-level methods: each client's own, kept across rounds
+        if c.method in FEDAVG_METHODS:
+            self.local_optimizers = [build_optimizer(self.server.params, spec) for _ in range(len(self.shards))]
+        self.estimator = estimator_spec(c)
         self.counters = Counters()
         self.num_parameters = num_trainable(self.model)
         self.model_bytes = sum(p.numel() * p.element_size() for _, p in trainable_parameters(self.model))
-        self.rounds = config.rounds or math.ceil(config.epochs * rounds_per_epoch(config, self.shards))
-        self.eval_every = config.eval_every or rounds_per_epoch(config, self.shards)
+        self.rounds = c.rounds or math.ceil(c.epochs * self.rounds_per_epoch)
+        self.eval_every = c.eval_every or self.rounds_per_epoch
+        self.layout = None if c.memory_format == "auto" else c.memory_format  # "auto": probed in round 1
 
     def run_round(self, server_round: int) -> dict:
         """One server round of the configured method; returns round telemetry."""
         c = self.config
         clients = sample_clients(len(self.shards), c.fraction, c.seed, server_round)
-        plan = R.plan_round(c.seed, server_round, self.estimator)
+        plan = None if self.estimator is None else R.plan_round(c.seed, server_round, self.estimator, c.perturbations)
         step = {"baffle": self._baffle_fedsgd, "bp-fedsgd": self._bp_fedsgd}.get(c.method, self._fedavg)
+        self._ema_now = self.ema_due(server_round)
         loss = step(clients, plan)
         self.counters.bytes_down += len(clients) * (self.model_bytes + 32)  # weights + round plan
         return {"clients": len(clients), "train_loss": loss}
 
+    def ema_due(self, server_round: int) -> bool:
+        """Whether the EMA is updated after ``server_round`` (every round, or at the end of each epoch)."""
+        return self.config.ema_every != "epoch" or (server_round + 1) % self.rounds_per_epoch == 0
+
+    def _client_options(self, batch: R.Batch) -> FastOptions:
+        if self.layout is None:  # measured once per run, then recorded in the checkpoint
+            probed = choose_memory_format(self.model, batch, cross_entropy)
+            self.layout = "channels_last" if probed == "channels_last" else "nchw"
+        return FastOptions(mode="sequential", keep_rows=True, memory_format=LAYOUTS[self.layout])
+
     def _baffle_fedsgd(self, clients, plan) -> float:
         c = self.config
-        engine = R.client_engine(self.model, plan)  # one per round, shared by its clients
-        replies = [R.baffle_client_update(self.model, [self.shards.next_batch(cid, c.batch_size)], plan,
-                                          cross_entropy, cid, engine) for cid in clients]
-        R.baffle_server_update(self.server, replies, plan)
+        batches = {cid: self.shards.next_batch(cid, c.batch_size) for cid in clients}
+        options = self._client_options(batches[clients[0]])
+        engine = R.client_engine(self.model, plan, options) if plan.perturbations == "shared" else None
+        replies = [R.baffle_client_update(self.model, [batches[cid]], plan, cross_entropy, cid,
+                                          engine or R.client_engine(self.model, plan, options, cid))
+                   for cid in clients]
+        R.baffle_server_update(self.server, replies, plan, weighting=c.client_weights, update_ema=self._ema_now)
         self.counters.forward_passes += len(replies) * forward_passes(c.num_perturbations, c.scheme)
         self.counters.bytes_up += len(replies) * 8 * (self.estimator.num_directions + 2)
         return _weighted_mean([(r.loss, r.num_examples) for r in replies])
@@ -197,7 +235,8 @@ class Simulation:
             g, loss = R.bp_gradient(self.model, batch, cross_entropy)
             grads.append((g, len(batch[1])))
             losses.append((loss, len(batch[1])))
-        R.bp_fedsgd_server_update(self.server, grads)
+        R.bp_fedsgd_server_update(self.server, grads, weighting=self.config.client_weights,
+                                  update_ema=self._ema_now)
         self._count_model_uploads(len(clients), len(clients))
         return _weighted_mean(losses)
 
@@ -205,16 +244,18 @@ class Simulation:
         c, start = self.config, {k: v.clone() for k, v in self.model.state_dict().items()}
         states, losses, steps = [], [], 0
         for cid in clients:
-            self.model.load_state_dict(start)
+            self.model.load_state_dict(start)  # in place: the client optimizers keep their parameters
             batches = self.shards.epoch_batches(cid, c.batch_size, c.local_epochs)
+            opt = self.local_optimizers[cid]
             if c.method == "baffle-fedavg":
-                seen, loss = R.baffle_local_training(self.model, batches, plan, cross_entropy, c.local_lr)
+                seen, loss = R.baffle_local_training(self.model, batches, plan, cross_entropy, opt, client_id=cid,
+                                                     clip=c.clip, clip_norm_type=c.clip_norm_type or math.inf)
             else:
-                seen, loss = R.bp_local_training(self.model, batches, cross_entropy, c.local_lr)
+                seen, loss = R.bp_local_training(self.model, batches, cross_entropy, opt)
             states.append(({k: v.clone() for k, v in self.model.state_dict().items()}, seen))
             losses.append((loss, seen))
             steps += len(batches)
-        R.fedavg_server_update(self.server, states)
+        R.fedavg_server_update(self.server, states, c.client_weights)
         if c.method == "baffle-fedavg":
             self.counters.forward_passes += steps * forward_passes(c.num_perturbations, c.scheme)
             self.counters.bytes_up += len(clients) * (self.model_bytes + 16)
@@ -237,13 +278,17 @@ class Simulation:
         return out
 
     def state_dict(self) -> dict:
+        local = None if self.local_optimizers is None else [o.state_dict() for o in self.local_optimizers]
         return {"server": self.server.state_dict(), "clients": self.shards.state_dict(),
-                "counters": vars(self.counters).copy()}
+                "counters": vars(self.counters).copy(), "local_optimizers": local, "layout": self.layout}
 
     def load_state_dict(self, state: dict) -> None:
         self.server.load_state_dict(state["server"])
         self.shards.load_state_dict(state["clients"])
         self.counters = Counters(**state["counters"])
+        for opt, saved in zip(self.local_optimizers or [], state.get("local_optimizers") or []):
+            opt.load_state_dict(saved)
+        self.layout = state.get("layout", self.layout)
 
 
 def _weighted_mean(pairs) -> float:

@@ -17,7 +17,7 @@ from baffle.config import TrainConfig, make_config
 from baffle.io import save_json, save_jsonl, save_torch
 from baffle.simulation import Simulation
 
-CHECKPOINT, METRICS, SUMMARY, MODEL = "checkpoint.pt", "metrics.jsonl", "summary.json", "model.pt"
+CHECKPOINT, METRICS, SUMMARY, MODEL, CONFIG = "checkpoint.pt", "metrics.jsonl", "summary.json", "model.pt", "config.json"
 # Keys that may change when a run is resumed (they do not change what the finished rounds computed).
 RESUMABLE_KEYS = frozenset({"rounds", "epochs", "eval_every", "out"})
 
@@ -63,6 +63,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         _check_compatible(config, ckpt["config"])
     sim = Simulation(config)  # validates data, partition and model before anything is written
     out.mkdir(parents=True, exist_ok=True)
+    save_json(config.to_dict(), out / CONFIG)  # readable while the run is in progress (baffle report)
     metrics, start, wall0 = [], 0, 0.0
     if ckpt is not None:
         sim.load_state_dict(ckpt["state"])
@@ -88,7 +89,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
 
 def record_evaluation(sim: Simulation, out: Path, metrics: list, done: int, info: dict, wall_s: float) -> dict:
     """Evaluate, checkpoint atomically, then append the metrics line (resume rewrites it if cut off)."""
-    rec = {"round": done, **sim.evaluate(), **info, **vars(sim.counters), "wall_s": wall_s,
+    rec = {"round": done, "epoch": done / sim.rounds_per_epoch, **sim.evaluate(), **info, **vars(sim.counters),
+           "wall_s": wall_s,
            "lr": sim.server.optimizer.param_groups[0]["lr"]}
     metrics.append(rec)
     save_torch({"config": sim.config.to_dict(), "round": done, "state": sim.state_dict(),
@@ -98,14 +100,27 @@ def record_evaluation(sim: Simulation, out: Path, metrics: list, done: int, info
     return rec
 
 
+def best_validation(metrics: list[dict]) -> dict:
+    """Model selection on validation: the test accuracy of the evaluation with the best validation
+    accuracy (the earliest on ties); null without a validation set. No field reports a maximum over
+    test evaluations."""
+    scored = [m for m in metrics if m.get("val_accuracy") is not None]
+    if not scored:
+        return {"best_val_accuracy": None, "best_val_round": None, "test_accuracy_at_best_val": None}
+    best = max(scored, key=lambda m: (m["val_accuracy"], -m["round"]))
+    return {"best_val_accuracy": best["val_accuracy"], "best_val_round": best["round"],
+            "test_accuracy_at_best_val": best["test_accuracy"]}
+
+
 def finish_run(sim: Simulation, out: Path, metrics: list, wall_s: float) -> dict:
     last = metrics[-1]
     save_torch(sim.server.eval_model().state_dict(), out / MODEL)
     summary = {
         "final_test_accuracy": last["test_accuracy"],
         "final_test_loss": last["test_loss"],
-        "best_test_accuracy": max(m["test_accuracy"] for m in metrics),
+        **best_validation(metrics),
         "rounds": sim.rounds,
+        "epochs": sim.rounds / sim.rounds_per_epoch,
         "wall_s": wall_s,
         "forward_passes": last["forward_passes"],
         "backward_passes": last["backward_passes"],

@@ -18,14 +18,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from baffle.data import (CIFAR10_CLASSES, ArrayDataset, dataset_names, load_dataset, read_idx,
-                         register_dataset)
+from baffle.data import (CIFAR10_CLASSES, NORMALIZE_CHOICES, ArrayDataset, dataset_names,
+                         load_dataset, read_idx, register_dataset)
 from baffle.data import datasets as ds
 
 SHARED = Path(os.environ.get("BAFFLE_SHARED_DATASETS")
               or Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets")
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+# The published code's CIFAR-10 Normalize (utils/dataloader.py), typed in from paper-reference.md §1.2.
+PUBLISHED_CIFAR10_MEAN, PUBLISHED_CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
 
 def denormalize(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -44,7 +46,17 @@ def test_registry_names_and_duplicate_refused(monkeypatch):
     tiny = ArrayDataset("tiny", torch.zeros(2, 1, 4, 4), torch.tensor([0, 1]),
                         torch.zeros(1, 1, 4, 4), torch.tensor([1]), num_classes=2)
     register_dataset("tiny", lambda data_dir, image_size: tiny)
-    assert "tiny" in dataset_names() and load_dataset("tiny") is tiny
+    assert "tiny" in dataset_names() and load_dataset("tiny", normalize="none") is tiny
+    with pytest.raises(ValueError, match="tiny: no mean-std statistics.*normalize='none'"):
+        load_dataset("tiny")
+    with pytest.raises(ValueError, match="tiny: normalize='published' is not defined"):
+        load_dataset("tiny", normalize="published")
+    register_dataset("tiny2", lambda data_dir, image_size: tiny,
+                     normalization={"mean-std": ((0.5,), (2.0,)), "published": None})
+    assert torch.equal(load_dataset("tiny2").train_inputs, torch.full((2, 1, 4, 4), -0.25))
+    assert load_dataset("tiny2", normalize="published") is tiny
+    with pytest.raises(ValueError, match="unknown normalization keys \\['zscore'\\]"):
+        register_dataset("tiny3", lambda data_dir, image_size: tiny, normalization={"zscore": None})
 
 
 def test_unknown_dataset_lists_known_names():
@@ -71,6 +83,37 @@ def test_array_dataset_validates_shapes_and_labels():
     with pytest.raises(ValueError, match=r"test targets must lie in \[0, 2\), found 0..5"):
         ArrayDataset("x", torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long),
                      torch.zeros(2, 1, 2, 2), torch.tensor([0, 5]), 2)
+
+
+@pytest.mark.parametrize("value", ["zscore", "", None, "Mean-Std"])
+def test_unknown_normalize_lists_choices(value):
+    with pytest.raises(ValueError) as info:
+        load_dataset("digits", normalize=value)
+    message = str(info.value)
+    assert f"unknown normalize={value!r}" in message and "\n" not in message
+    assert all(repr(choice) in message for choice in ("mean-std", "none", "published"))
+    assert NORMALIZE_CHOICES == ("mean-std", "none", "published")
+
+
+@pytest.mark.parametrize("name", ["digits", "fashion-mnist"])
+def test_published_normalize_refused_where_the_published_code_has_no_pipeline(name):
+    # refused before any file is read: no data_dir needed to get this message
+    with pytest.raises(ValueError, match=f"{name}: normalize='published' is not defined, the published "
+                                         f"BAFFLE code has no {name} pipeline; use normalize='none' "
+                                         f".*'mean-std'"):
+        load_dataset(name, normalize="published")
+
+
+def test_digits_normalize_none_is_plain_unit_interval():
+    from sklearn.datasets import load_digits
+
+    data = load_dataset("digits", normalize="none")
+    x = data.train_inputs
+    assert float(x.min()) == 0.0 and float(x.max()) == 1.0
+    # oracle: the mean of all 1797 images /16 splits into train and test means weighted by size
+    total = float(load_digits().images.mean() / 16)
+    pooled = (x.mean().item() * len(x) + data.test_inputs.mean().item() * 450) / (len(x) + 450)
+    assert abs(pooled - total) < 1e-6
 
 
 # ---------------------------------------------------------------- digits
@@ -126,6 +169,29 @@ def test_idx_loads_raw_or_gz_from_dir_or_subdir(tmp_path, gz, sub):
                                atol=1e-5)
     np.testing.assert_array_equal(data.train_targets.numpy(), ytr)
     np.testing.assert_array_equal(data.test_targets.numpy(), yte)
+
+
+def test_idx_normalize_none_equals_raw_over_255(tmp_path):
+    xtr, _, xte, _ = write_idx_set(tmp_path, n_train=20)
+    data = load_dataset("mnist", tmp_path, image_size=28, normalize="none")
+    for inputs, raw in ((data.train_inputs, xtr), (data.test_inputs, xte)):
+        assert 0.0 <= float(inputs.min()) and float(inputs.max()) <= 1.0
+        assert abs(inputs.mean().item() - raw.mean() / 255) < 1e-6  # oracle: uint8 mean / 255
+        np.testing.assert_allclose(inputs[:, 0].numpy(), raw / 255, rtol=0, atol=1e-7)
+
+
+def test_idx_mnist_published_is_resize_32_without_normalization(tmp_path):
+    """Published MNIST pipeline: Resize((32, 32)) + ToTensor, i.e. the "none" values at 32x32."""
+    write_idx_set(tmp_path)
+    published = load_dataset("mnist", tmp_path, normalize="published")
+    plain = load_dataset("mnist", tmp_path, normalize="none")
+    assert published.train_inputs.shape == (12, 1, 32, 32)
+    assert torch.equal(published.train_inputs, plain.train_inputs)
+    assert torch.equal(published.test_inputs, plain.test_inputs)
+    assert 0.0 <= float(plain.train_inputs.min()) and float(plain.train_inputs.max()) <= 1.0
+    standard = load_dataset("mnist", tmp_path)  # mean-std: (x - 0.1307) / 0.3081
+    torch.testing.assert_close(standard.train_inputs, (plain.train_inputs - 0.1307) / 0.3081,
+                               atol=1e-6, rtol=0)
 
 
 def test_idx_default_resize_to_32_matches_bilinear(tmp_path):
@@ -202,6 +268,23 @@ def test_cifar_pickles_load_in_batch_order(tmp_path):
     np.testing.assert_array_equal(data.test_targets.numpy(), batches[5][1])
 
 
+def test_cifar_published_normalize_uses_the_published_constants(tmp_path):
+    batches = write_cifar_batches(tmp_path)
+    data = load_dataset("cifar10", tmp_path, normalize="published")
+    mean = torch.tensor(PUBLISHED_CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(PUBLISHED_CIFAR10_STD).view(1, 3, 1, 1)
+    for inputs, raw in ((data.train_inputs, np.concatenate([x for x, _ in batches[:5]])),
+                        (data.test_inputs, batches[5][0])):
+        expected = (torch.tensor(raw / 255, dtype=torch.float32) - mean) / std
+        torch.testing.assert_close(inputs, expected, atol=1e-6, rtol=0)
+    plain = load_dataset("cifar10", tmp_path, normalize="none")
+    torch.testing.assert_close(plain.train_inputs, torch.tensor(
+        np.concatenate([x for x, _ in batches[:5]]) / 255, dtype=torch.float32), atol=1e-7, rtol=0)
+    # mean-std (measured stds 0.247/0.2435/0.2616) differs from the published std constants
+    standard = load_dataset("cifar10", tmp_path)
+    assert (standard.train_inputs - data.train_inputs).abs().max() > 0.1
+
+
 def test_cifar_corrupt_pickle(tmp_path):
     write_cifar_batches(tmp_path)
     with open(tmp_path / "data_batch_3", "wb") as f:
@@ -264,6 +347,10 @@ def test_cifar_jpeg_zip_and_cache(tmp_path, monkeypatch):
                                         f"{zpath.stat().st_mtime_ns}.npz"]
     monkeypatch.setattr(ds, "_decode_images", lambda *a: pytest.fail("cache was not used"))
     assert torch.equal(load_dataset("cifar10", tmp_path / "data").train_inputs, data.train_inputs)
+    for normalize in ("none", "published"):  # the cache holds decoded pixels, whatever the normalize
+        again = load_dataset("cifar10", tmp_path / "data", normalize=normalize)
+        assert again.train_inputs.shape == data.train_inputs.shape
+    assert len(list((tmp_path / "cache" / "baffle").glob("*.npz"))) == 1
 
 
 def test_cifar_jpeg_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):
@@ -323,6 +410,14 @@ def test_real_mnist():
     # Published train stats 0.1307/0.3081 (4 digits) => normalized mean/std within 1e-3 of 0/1.
     assert abs(data.train_inputs.mean().item()) < 1e-3
     assert abs(data.train_inputs.std().item() - 1) < 1e-3
+
+
+def test_real_mnist_normalize_none_has_the_published_pixel_stats():
+    data = load_dataset("mnist", shared_dir("mnist"), image_size=28, normalize="none")
+    x = data.train_inputs
+    assert float(x.min()) == 0.0 and float(x.max()) == 1.0
+    # README: train pixel mean/std 0.1307/0.3081 (4 digits)
+    assert abs(x.mean().item() - 0.1307) < 1e-4 and abs(x.std().item() - 0.3081) < 1e-4
 
 
 def test_real_fashion_mnist_default_size():

@@ -173,7 +173,8 @@ def test_round_below_min_replies_keeps_the_model_and_logs(tmp_path, task_identit
 
 
 def test_strategy_refuses_methods_it_cannot_run(tmp_path):
-    sim = Simulation(make_config(TINY, {"method": "bp-fedavg", "out": str(tmp_path)}))
+    tiny = {k: v for k, v in TINY.items() if k != "num_perturbations"}
+    sim = Simulation(make_config(tiny, {"method": "bp-fedavg", "out": str(tmp_path)}))
     with pytest.raises(ValueError, match="not available on Flower"):
         BaffleStrategy(sim, FlowerOptions())
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from baffle.models import activation_names, build_model, model_names, num_groups
+from baffle.models import activation_names, build_model, model_names
 from baffle.models.wrn import PreActBlock
 
 
@@ -125,15 +125,15 @@ def test_wrn_defaults_to_group_norm_and_lenet_to_none():
 
 
 @pytest.mark.parametrize(
-    ("channels", "groups"), [(16, 16), (32, 32), (64, 32), (128, 32), (48, 24), (33, 11), (7, 7)]
+    ("width", "groups"),
+    [(128, 8), (48, 3), (16, 1), (10, 1), (2, 1), (33, 1), (512, 32), (1024, 32)],
 )
-def test_num_groups_is_largest_divisor_up_to_32(channels, groups):
-    assert num_groups(channels) == groups
-
-
-@pytest.mark.parametrize(("channels", "groups"), [(128, 8), (48, 3), (16, 1), (10, 1)])
-def test_num_groups_with_minimum_group_size(channels, groups):
-    assert num_groups(channels, min_group_size=16) == groups
+def test_mlp_keeps_its_own_group_rule(width, groups):
+    # Most groups (<= 32) dividing the width with >= 16 features each, else one group; not
+    # the published conv rule max(2, C // 16), which would give 2 groups of 1 for width 2.
+    model = build_model("mlp", in_channels=1, num_classes=3, image_size=4, hidden=(width,),
+                        norm="group")
+    assert [gn.num_groups for gn in group_norms(model)] == [groups]
 
 
 @pytest.mark.parametrize(("hidden", "groups"), [((128,), [8]), ((16, 8), [1, 1])])
@@ -194,6 +194,6 @@ def test_lenet_layers_follow_the_paper():
         (1, 16, (5, 5)), (16, 64, (5, 5))
     ]
     assert all(c.bias is not None for c in convs)
-    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 2
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 1  # none after conv2
     assert sum(isinstance(m, nn.Hardswish) for m in model.modules()) == 2
     assert (model.fc.in_features, model.fc.out_features) == (64, 10)

@@ -1,7 +1,9 @@
-"""Datasets read from local files, and partitioners that split them across clients."""
+"""Datasets read from local files, partitioners that split them across clients, augmentation."""
 
+from baffle.data.augment import augment_batch
 from baffle.data.datasets import (
     CIFAR10_CLASSES,
+    NORMALIZE_CHOICES,
     ArrayDataset,
     DatasetBuilder,
     dataset_names,
@@ -13,9 +15,11 @@ from baffle.data.partition import Partition, parse_partition, partition_indices
 
 __all__ = [
     "CIFAR10_CLASSES",
+    "NORMALIZE_CHOICES",
     "ArrayDataset",
     "DatasetBuilder",
     "Partition",
+    "augment_batch",
     "dataset_names",
     "load_dataset",
     "parse_partition",

@@ -1,7 +1,15 @@
 """Image datasets read from local files (layouts of ``shared/datasets``), behind a small registry.
 
-Loaders return float32 (N, C, H, W) inputs scaled to [0, 1], resized bilinearly to ``image_size``
-and normalized with fixed per-channel train-set statistics, plus int64 labels. Nothing is downloaded.
+Builders return float32 (N, C, H, W) inputs scaled to [0, 1] and resized bilinearly to
+``image_size``, plus int64 labels; ``load_dataset`` then normalizes them per channel as asked:
+
+* ``"mean-std"`` (default): our measured train-set statistics (``NORMALIZATION``), mean 0 / std 1;
+* ``"none"``: the plain [0, 1] values;
+* ``"published"``: what the published BAFFLE code does (``PUBLISHED_NORMALIZATION``): MNIST plain
+  [0, 1] (Resize 32 + ToTensor), CIFAR-10 Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)).
+  Its resize is ours (bilinear on floats), not torchvision's PIL resize of uint8 images.
+
+Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -31,18 +39,26 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 Pair = tuple[np.ndarray, np.ndarray]  # (images, labels)
 Arrays = tuple[Pair, Pair]  # (train, test)
 
+Stats = tuple[tuple[float, ...], tuple[float, ...]]  # per-channel (mean, std)
+NORMALIZE_CHOICES = ("mean-std", "none", "published")
+
 # Per-channel (mean, std) of the [0, 1]-scaled train images at their native size.
-NORMALIZATION = {
+NORMALIZATION: dict[str, Stats] = {
     "digits": ((0.3052,), (0.3760,)),  # train split below: 0.30522 / 0.37601
     "mnist": ((0.1307,), (0.3081,)),
     "fashion-mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
+# The published code's input normalization (utils/dataloader.py); None = plain [0, 1] (ToTensor only).
+PUBLISHED_NORMALIZATION: dict[str, Stats | None] = {
+    "mnist": None,
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+}
 
 
 @dataclass(frozen=True, eq=False)  # identity equality: fields are tensors
 class ArrayDataset:
-    """An in-memory train/test split: normalized float32 (N, C, H, W) inputs, int64 (N,) targets."""
+    """An in-memory train/test split: float32 (N, C, H, W) inputs, int64 (N,) targets."""
 
     name: str
     train_inputs: torch.Tensor
@@ -72,18 +88,30 @@ class ArrayDataset:
         return int(self.train_inputs.shape[2])
 
 
-DatasetBuilder = Callable[[Path | None, int | None], ArrayDataset]  # (data_dir, image_size or None)
+# (data_dir, image_size or None) -> dataset with un-normalized inputs in [0, 1]
+DatasetBuilder = Callable[[Path | None, int | None], ArrayDataset]
 
 _REGISTRY: dict[str, DatasetBuilder] = {}
+_STATS: dict[str, dict[str, Stats | None]] = {}  # name -> {"mean-std"/"published": stats or None}
 
 
-def register_dataset(name: str, builder: DatasetBuilder) -> None:
-    """Add ``builder`` under ``name``; ValueError if the name is already taken."""
+def register_dataset(name: str, builder: DatasetBuilder, *,
+                     normalization: dict[str, Stats | None] | None = None) -> None:
+    """Add ``builder`` under ``name``; ValueError if the name is already taken.
+
+    ``builder`` returns inputs in [0, 1]. ``normalization`` maps "mean-std" and/or "published" to
+    per-channel (mean, std), or to None for plain [0, 1]; a mode it lacks is refused at load time.
+    """
     if not callable(builder):
         raise TypeError(f"dataset builder for {name!r} must be callable, got {type(builder).__name__}")
     if name in _REGISTRY:
         raise ValueError(f"dataset {name!r} is already registered; choose another name")
-    _REGISTRY[name] = builder
+    stats = dict(normalization or {})
+    unknown = sorted(set(stats) - {"mean-std", "published"})
+    if unknown:
+        raise ValueError(f"dataset {name!r}: unknown normalization keys {unknown}; "
+                         "use 'mean-std' and/or 'published'")
+    _REGISTRY[name], _STATS[name] = builder, stats
 
 
 def dataset_names() -> list[str]:
@@ -92,33 +120,56 @@ def dataset_names() -> list[str]:
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
-                 image_size: int | None = None) -> ArrayDataset:
-    """Load dataset ``name`` from ``data_dir`` (ignored by ``digits``), resized to ``image_size``."""
+                 image_size: int | None = None, normalize: str = "mean-std") -> ArrayDataset:
+    """Load dataset ``name`` from ``data_dir`` (ignored by ``digits``), resized to ``image_size``,
+    its inputs normalized by ``normalize`` ("mean-std", "none" or "published"; module docstring)."""
     builder = _REGISTRY.get(name)
     if builder is None:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(dataset_names())}")
     if image_size is not None and (type(image_size) is not int or image_size < 1):
         raise ValueError(f"{name}: image_size must be a positive integer, got {image_size!r}")
-    return builder(None if data_dir is None else Path(data_dir).expanduser(), image_size)
+    stats = _normalization(name, normalize)
+    data = builder(None if data_dir is None else Path(data_dir).expanduser(), image_size)
+    if stats is None:
+        return data
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in stats)
+    return ArrayDataset(data.name, torch.sub(data.train_inputs, mean).div_(std), data.train_targets,
+                        torch.sub(data.test_inputs, mean).div_(std), data.test_targets, data.num_classes)
+
+
+def _normalization(name: str, normalize: str) -> Stats | None:
+    """The (mean, std) that ``normalize`` means for dataset ``name``; None: leave [0, 1] values."""
+    if normalize not in NORMALIZE_CHOICES:
+        raise ValueError(f"{name}: unknown normalize={normalize!r}; choose one of "
+                         f"{', '.join(map(repr, NORMALIZE_CHOICES))}")
+    if normalize == "none":
+        return None
+    stats = _STATS[name]
+    if normalize not in stats:
+        if normalize == "published":
+            raise ValueError(f"{name}: normalize='published' is not defined, the published BAFFLE code "
+                             f"has no {name} pipeline; use normalize='none' ([0, 1]) or 'mean-std'")
+        raise ValueError(f"{name}: no mean-std statistics were registered for this dataset; use "
+                         f"normalize='none' or register it with normalization={{'mean-std': ...}}")
+    return stats[normalize]
 
 
 def _make(name: str, train: Pair, test: Pair, num_classes: int, image_size: int) -> ArrayDataset:
     """Build an ArrayDataset from (images, labels) pairs; images uint8 0..255 or float in [0, 1]."""
     tensors = []
     for images, labels in (train, test):
-        tensors += [_prepare(images, *NORMALIZATION[name], image_size),
-                    torch.tensor(np.asarray(labels), dtype=torch.int64)]
+        tensors += [_prepare(images, image_size), torch.tensor(np.asarray(labels), dtype=torch.int64)]
     return ArrayDataset(name, *tensors, num_classes=num_classes)
 
 
-def _prepare(images: np.ndarray, mean: tuple, std: tuple, image_size: int) -> torch.Tensor:
-    """Scale (N, C, H, W) images to [0, 1], resize to image_size², normalize per channel."""
+def _prepare(images: np.ndarray, image_size: int) -> torch.Tensor:
+    """Scale (N, C, H, W) images to [0, 1] and resize them bilinearly to image_size²."""
     x = torch.from_numpy(np.ascontiguousarray(images))
     x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
     if tuple(x.shape[-2:]) != (image_size, image_size):
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear",
                           align_corners=False, antialias=False)
-    return x.sub_(torch.tensor(mean).view(1, -1, 1, 1)).div_(torch.tensor(std).view(1, -1, 1, 1))
+    return x
 
 
 def _require_dir(name: str, data_dir: Path | None) -> Path:
@@ -292,7 +343,10 @@ def _write_cache(cache_file: Path, arrays: Arrays) -> None:
             tmp.unlink(missing_ok=True)
 
 
-register_dataset("digits", _build_digits)
-register_dataset("mnist", _idx_builder("mnist", "MNIST"))
-register_dataset("fashion-mnist", _idx_builder("fashion-mnist", "Fashion-MNIST"))
-register_dataset("cifar10", _build_cifar10)
+register_dataset("digits", _build_digits, normalization={"mean-std": NORMALIZATION["digits"]})
+register_dataset("mnist", _idx_builder("mnist", "MNIST"), normalization={
+    "mean-std": NORMALIZATION["mnist"], "published": PUBLISHED_NORMALIZATION["mnist"]})
+register_dataset("fashion-mnist", _idx_builder("fashion-mnist", "Fashion-MNIST"),
+                 normalization={"mean-std": NORMALIZATION["fashion-mnist"]})
+register_dataset("cifar10", _build_cifar10, normalization={
+    "mean-std": NORMALIZATION["cifar10"], "published": PUBLISHED_NORMALIZATION["cifar10"]})

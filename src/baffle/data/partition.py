@@ -1,8 +1,16 @@
-"""Split a training set's indices across federated clients, with an optional validation hold-out.
+"""Split a training set's indices across federated clients, with a per-class validation hold-out.
 
-Schemes: ``iid`` (every client gets the same class balance, as in the paper), ``dirichlet:ALPHA``
-(per-class client proportions ~ Dir(ALPHA)) and ``shards:K`` (label-sorted shards, K per client).
-All randomness comes from ``np.random.default_rng(seed)``; global RNG state is never touched.
+Every class is shuffled first (one ``np.random.default_rng(seed)``, classes in label order) and the
+LAST ``val_per_class`` shuffled indices of each class go to validation. Schemes for the rest:
+
+* ``iid`` -- the published BAFFLE rule (``get_federated_sampler``): with n_i examples in class i and
+  C clients, ``num_per = int((n_i - val_per_class) / C)``; client k gets positions
+  ``[k*num_per, (k+1)*num_per)`` of the shuffled class; the rounding leftover is unused. Every
+  client therefore has the same size and exactly the same class counts.
+* ``dirichlet:ALPHA`` -- per-class client proportions ~ Dir(ALPHA).
+* ``shards:K`` -- label-sorted shards, K per client.
+
+Global RNG state is never touched.
 """
 
 from __future__ import annotations
@@ -19,10 +27,15 @@ _DIRICHLET_DRAWS = 10  # fresh Dir(alpha) draws before empty clients are topped 
 
 @dataclass(frozen=True, eq=False)  # identity equality: fields are arrays
 class Partition:
-    """Per-client int64 index arrays (sorted ascending) and the held-out validation indices."""
+    """Sorted int64 index arrays: one per client, the validation hold-out, and the unused rest.
+
+    ``clients``, ``validation`` and ``unused`` are pairwise disjoint and together cover every index
+    of the targets. ``unused`` is non-empty only for ``iid`` (the published rule's rounding leftover).
+    """
 
     clients: tuple[np.ndarray, ...]
     validation: np.ndarray
+    unused: np.ndarray
 
 
 def parse_partition(scheme: str) -> tuple[str, float | int | None]:
@@ -46,11 +59,14 @@ def parse_partition(scheme: str) -> tuple[str, float | int | None]:
 
 
 def partition_indices(targets, num_clients: int, scheme: str, *, seed: int,
-                      val_fraction: float = 0.0, num_classes: int | None = None) -> Partition:
-    """Partition ``range(len(targets))`` into disjoint client sets plus a validation set.
+                      val_per_class: int = 0, num_classes: int | None = None) -> Partition:
+    """Partition ``range(len(targets))`` into client sets, a validation set and unused indices.
 
-    Validation takes ``round(val_fraction * n_c)`` shuffled examples of each class c; the rest is
-    split by ``scheme``. ``targets`` is a 1-D integer numpy array or torch tensor.
+    ``val_per_class`` (v) examples of every class are held out for validation: the last v of the
+    class's shuffled indices (the published code uses v = 500; 50 for CIFAR-100). Each class with
+    examples must have more than v; a class without examples is allowed only when v = 0.
+    ``targets`` is a 1-D integer numpy array or torch tensor; classes are ``0..num_classes-1``
+    (default: up to the largest label).
     """
     labels = _as_labels(targets, num_classes)
     kind, arg = parse_partition(scheme)
@@ -58,17 +74,27 @@ def partition_indices(targets, num_clients: int, scheme: str, *, seed: int,
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if not _is_int(num_clients) or num_clients < 1:
         raise ValueError(f"num_clients must be an integer >= 1, got {num_clients!r}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction!r}")
+    if not _is_int(val_per_class) or val_per_class < 0:
+        raise ValueError(f"val_per_class must be an integer >= 0 (examples held out per class), "
+                         f"got {val_per_class!r}")
+    classes = int(labels.max()) + 1 if num_classes is None else int(num_classes)
     rng = np.random.default_rng(seed)
-    pools, held_out = _hold_out(labels, val_fraction, rng)
-    available = sum(len(p) for p in pools)
-    if num_clients > available:
-        raise ValueError(f"num_clients={num_clients} exceeds the {available} training examples left "
-                         f"after validation; use fewer clients or a smaller val_fraction")
-    parts = _SCHEMES[kind](pools, int(num_clients), arg, rng)
-    clients = tuple(np.sort(np.asarray(p, dtype=np.int64)) for p in parts)
-    return Partition(clients, np.sort(np.concatenate(held_out)).astype(np.int64))
+    pools, held_out = _hold_out(labels, classes, int(val_per_class), rng)
+    if kind == "iid":
+        parts, unused = _split_iid(pools, int(num_clients), int(val_per_class))
+    else:
+        available = sum(len(p) for p in pools)
+        if num_clients > available:
+            raise ValueError(f"num_clients={num_clients} exceeds the {available} training examples left "
+                             f"after validation; use fewer clients or a smaller val_per_class")
+        parts, unused = _SCHEMES[kind](pools, int(num_clients), arg, rng), []
+    return Partition(tuple(_sorted(p) for p in parts), _sorted(held_out), _sorted(unused))
+
+
+def _sorted(chunks) -> np.ndarray:
+    """Concatenate index arrays (or take one array) into a sorted int64 array."""
+    arrays = [chunks] if isinstance(chunks, np.ndarray) else list(chunks)
+    return np.sort(np.concatenate([np.empty(0, np.int64), *arrays]).astype(np.int64))
 
 
 def _is_int(value) -> bool:
@@ -91,27 +117,39 @@ def _as_labels(targets, num_classes: int | None) -> np.ndarray:
     return labels
 
 
-def _hold_out(labels: np.ndarray, val_fraction: float,
+def _hold_out(labels: np.ndarray, classes: int, val_per_class: int,
               rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Shuffle each class; return (remaining pool per class, validation part per class)."""
-    pools, held_out = [], [np.empty(0, np.int64)]
-    for c in range(int(labels.max()) + 1):
+    """Shuffle each class; return (its first n_i - v shuffled indices, its last v) per class."""
+    pools, held_out = [], []
+    for c in range(classes):
         members = rng.permutation(np.flatnonzero(labels == c))
-        n_val = round(val_fraction * len(members))
-        held_out.append(members[:n_val])
-        pools.append(members[n_val:])
+        if val_per_class and val_per_class >= len(members):
+            fix = (f"use val_per_class < {len(members)}" if len(members)
+                   else "use val_per_class=0 or pass the right num_classes")
+            raise ValueError(f"val_per_class={val_per_class} must be smaller than every class's size, "
+                             f"but class {c} has only {len(members)} examples; {fix}")
+        cut = len(members) - val_per_class
+        pools.append(members[:cut])
+        held_out.append(members[cut:])
     return pools, held_out
 
 
-def _split_iid(pools: list[np.ndarray], num_clients: int, _arg, _rng) -> list[np.ndarray]:
-    """Split each class as evenly as possible, rotating who gets the remainders."""
+def _split_iid(pools: list[np.ndarray], num_clients: int,
+               val_per_class: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Published rule: client k gets pool[k*m:(k+1)*m] of every class, m = len(pool) // C."""
     parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-    offset = 0
-    for pool in pools:
-        for i, chunk in enumerate(np.array_split(pool, num_clients)):
-            parts[(i + offset) % num_clients].append(chunk)
-        offset += len(pool) % num_clients
-    return [np.concatenate(p) for p in parts]
+    unused = []
+    for c, pool in enumerate(pools):
+        num_per = len(pool) // num_clients  # = int((n_i - v) / C) for n_i - v >= 0
+        if num_per == 0 and len(pool):
+            raise ValueError(f"iid: class {c} has {len(pool)} training examples after holding out "
+                             f"val_per_class={val_per_class}, too few for num_clients={num_clients} "
+                             f"(each client needs one); use at most {len(pool)} clients or a smaller "
+                             f"val_per_class")
+        for k in range(num_clients):
+            parts[k].append(pool[k * num_per:(k + 1) * num_per])
+        unused.append(pool[num_clients * num_per:])
+    return [np.concatenate([np.empty(0, np.int64), *p]) for p in parts], unused
 
 
 def _split_dirichlet(pools: list[np.ndarray], num_clients: int, alpha: float,
@@ -155,6 +193,6 @@ def _split_shards(pools: list[np.ndarray], num_clients: int, shards_per_client: 
     return [np.concatenate([shards[s] for s in row]) for row in order]
 
 
-_SCHEMES: dict[str, Callable[..., list[np.ndarray]]] = {
-    "iid": _split_iid, "dirichlet": _split_dirichlet, "shards": _split_shards,
+_SCHEMES: dict[str, Callable[..., list[np.ndarray]]] = {  # iid is handled apart (it has leftovers)
+    "dirichlet": _split_dirichlet, "shards": _split_shards,
 }

@@ -82,7 +82,8 @@ class Worker:
     def __init__(self, config: TrainConfig, data_dir: str | None, partition_id: int, cache_dir: str | None):
         self.config, self.partition_id = config, partition_id
         key = hashlib.sha256(json.dumps([config.dataset, str(data_dir), config.image_size, config.clients,
-                                         config.partition, config.seed, config.val_fraction, partition_id])
+                                         config.partition, config.seed, config.val_per_class, config.normalize,
+                                         partition_id])
                              .encode()).hexdigest()[:24]
         path = Path(cache_dir or tempfile.gettempdir()) / f"baffle-partition-{key}.pt"
         part = _load(path)
@@ -92,7 +93,7 @@ class Worker:
             save_torch(part, path)
         lists = [np.zeros(0, dtype=np.int64)] * config.clients
         lists[partition_id] = np.arange(len(part["targets"]), dtype=np.int64)  # same order as the global indices
-        self.shards = ClientShards(part["inputs"], part["targets"], lists, config.seed)
+        self.shards = ClientShards(part["inputs"], part["targets"], lists, config.seed, config.augment)
         self.model = build_model_like(config, part["shape"])
 
     def batch(self, partition_id: int, server_round: int) -> R.Batch:
@@ -110,12 +111,12 @@ def _dataset_and_partition(config: TrainConfig, data_dir: str | None) -> tuple:
     """The decoded dataset and the run's partition, built once per process and run: a simulation
     actor or a long-running ClientApp runtime serves many messages (and virtual nodes)."""
     key = (config.dataset, str(data_dir), config.image_size, config.clients, config.partition, config.seed,
-           config.val_fraction)
+           config.val_per_class, config.normalize)
     if key not in _DATASET:
         _DATASET.clear()  # keep one dataset in memory
-        data = load_dataset(config.dataset, data_dir, image_size=config.image_size)
+        data = load_dataset(config.dataset, data_dir, image_size=config.image_size, normalize=config.normalize)
         part = partition_indices(data.train_targets, config.clients, config.partition, seed=config.seed,
-                                 val_fraction=config.val_fraction, num_classes=data.num_classes)
+                                 val_per_class=config.val_per_class, num_classes=data.num_classes)
         _DATASET[key] = (data, part)
     return _DATASET[key]
 

@@ -115,7 +115,8 @@ def app_config(file_tree: Mapping, overrides: Mapping, options: Mapping | None =
         if not _set_leaf(tree, name, value):
             tree[name] = value
             present[name] = value
-    defaults = TrainConfig().to_dict()
+    # the raw field defaults: method-dependent settings stay unset (None) and resolve per method
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for name in FIELDS:
         if name not in present and name not in tree:  # a table may share a field's name
             tree[name] = defaults[name]

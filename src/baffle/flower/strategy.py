@@ -38,6 +38,9 @@ class BaffleStrategy(FedAvg):
         if sim.config.method != "baffle":
             raise ValueError(f"method {sim.config.method!r} is not available on Flower; use method = 'baffle' "
                              "(or run it in-process with `baffle train`)")
+        if sim.config.memory_format == "channels_last":
+            raise ValueError("memory_format 'channels_last' is not available on Flower (its clients compute in "
+                             "NCHW); use 'nchw'")
         self.sim, self.options = sim, options
         self.rounds_log = None if rounds_log is None else Path(rounds_log)
         self.partition_of: dict[int, int] = {}  # node id → partition id, learned from replies
@@ -59,7 +62,7 @@ class BaffleStrategy(FedAvg):
         """Flower round r is BAFFLE round t = r − 1: the same seed and clients as ``baffle train``."""
         self._t0 = time.perf_counter()
         c, t = self.sim.config, server_round - 1
-        self.plan = R.plan_round(c.seed, t, self.sim.estimator)
+        self.plan = R.plan_round(c.seed, t, self.sim.estimator, c.perturbations)
         nodes = sorted(grid.get_node_ids())
         if c.fraction < 1.0:
             self._discover(grid, [n for n in nodes if n not in self.partition_of])
@@ -96,7 +99,8 @@ class BaffleStrategy(FedAvg):
         ordered = [valid[p] for p in sorted(valid)]
         diffs = None
         if len(ordered) >= self.options.min_replies:
-            diffs = R.baffle_server_update(self.sim.server, ordered, self.plan)
+            diffs = R.baffle_server_update(self.sim.server, ordered, self.plan, weighting=self.sim.config.client_weights,
+                                           update_ema=self.sim.ema_due(server_round - 1))
         else:
             log(WARNING, "round %d: %d valid repl%s < min-replies %d; model kept unchanged", server_round,
                 len(ordered), "y" if len(ordered) == 1 else "ies", self.options.min_replies)

@@ -38,14 +38,16 @@ def plan_to_config(plan: RoundPlan) -> ConfigRecord:
     e = plan.estimator
     return ConfigRecord({"server-round": plan.server_round, "seed": plan.seed,
                          "num-perturbations": e.num_perturbations, "sigma": float(e.sigma),
-                         "scheme": e.scheme, "distribution": e.distribution})
+                         "scheme": e.scheme, "distribution": e.distribution,
+                         "perturbations": plan.perturbations})
 
 
 def plan_from_config(config: ConfigRecord) -> RoundPlan:
     try:
         spec = EstimatorSpec(int(config["num-perturbations"]), float(config["sigma"]), str(config["scheme"]),
                              str(config["distribution"]))
-        return RoundPlan(int(config["server-round"]), int(config["seed"]), spec)
+        return RoundPlan(int(config["server-round"]), int(config["seed"]), spec,
+                         str(config.get("perturbations", "shared")))
     except KeyError as e:
         raise ValueError(f"train message config lacks {e.args[0]!r}; sent by a different baffle version?") from None
 

@@ -4,7 +4,7 @@ Build by name with ``build_model("lenet", in_channels=1, num_classes=10)``; see
 ``model_names()`` for what is registered and ``register_model`` to add a builder.
 """
 
-from .layers import activation_names, make_activation, make_norm, num_groups
+from .layers import activation_names, make_activation, make_norm
 from .lenet import build_lenet
 from .mlp import build_linear, build_mlp
 from .registry import build_model, model_names, register_model
@@ -22,6 +22,5 @@ __all__ = [
     "make_activation",
     "make_norm",
     "model_names",
-    "num_groups",
     "register_model",
 ]

@@ -23,7 +23,6 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 NORMS: tuple[str, ...] = ("none", "group")
-MAX_GROUPS = 32
 
 
 def activation_names() -> list[str]:
@@ -61,28 +60,41 @@ def check_norm(norm: object) -> str:
     return norm
 
 
-def num_groups(channels: int, max_groups: int = MAX_GROUPS, min_group_size: int = 1) -> int:
-    """Largest divisor of ``channels`` that is at most ``max_groups`` and leaves at least
-    ``min_group_size`` channels per group (1 if there is none).
+def _published_groups(channels: int) -> int:
+    """The published group count for a ``channels``-wide GroupNorm: ``max(2, channels // 16)``.
 
-    E.g. 16 -> 16 (one channel per group), 64 -> 32, 128 -> 32, 48 -> 24; with
-    ``min_group_size=16``: 128 -> 8, 48 -> 3, 10 -> 1.
+    Published code, model/lenet.py and model/wideresnet.py at commit b593745, writes it as
+    ``max(2, int(C / 16))``; e.g. 16 -> 2, 32 -> 2, 64 -> 4, 128 -> 8, 48 -> 3.
     """
-    fits = [
-        g
-        for g in range(1, min(channels, max_groups) + 1)
-        if channels % g == 0 and channels // g >= min_group_size
-    ]
-    return max(fits, default=1)
+    return max(2, channels // 16)
 
 
-def make_norm(norm: str, channels: int, min_group_size: int = 1) -> nn.Module:
-    """``nn.GroupNorm(num_groups(channels, min_group_size=...), channels, affine=False)`` for
-    ``"group"``, ``nn.Identity()`` for ``"none"``."""
-    if check_norm(norm) == "group":
-        groups = num_groups(channels, min_group_size=min_group_size)
-        return nn.GroupNorm(groups, channels, affine=False)
-    return nn.Identity()
+def make_norm(norm: str, channels: int, groups: int | None = None) -> nn.Module:
+    """``nn.GroupNorm(groups, channels, affine=False)`` for ``"group"``, ``nn.Identity()`` for
+    ``"none"``.
+
+    ``groups=None`` uses the published rule ``max(2, channels // 16)`` (LeNet, WRN); a model with
+    a rule of its own passes ``groups`` explicitly. ``ValueError`` if ``groups`` does not divide
+    ``channels``, naming the width and how to fix it.
+    """
+    if check_norm(norm) != "group":
+        return nn.Identity()
+    check_positive_int("channels", channels)
+    if groups is None:
+        groups = _published_groups(channels)
+        rule = f"the published rule max(2, {channels} // 16) gives {groups} groups"
+        fits = next(w for w in range(channels + 1, channels + 17) if w % _published_groups(w) == 0)
+    else:
+        check_positive_int("groups", groups)
+        rule = f"{groups} groups were asked for"
+        fits = channels + groups - channels % groups
+    if channels % groups:
+        raise ValueError(
+            f"norm='group' on a layer of width {channels}: {rule}, which does not divide "
+            f"{channels}; change that layer's width (the next width that works is {fits}) "
+            "or use norm='none'"
+        )
+    return nn.GroupNorm(groups, channels, affine=False)
 
 
 def check_positive_int(name: str, value: object) -> int:

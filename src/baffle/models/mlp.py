@@ -4,9 +4,12 @@ Both flatten an ``(N, in_channels, image_size, image_size)`` input to
 ``in_channels * image_size**2`` features. The MLP has
 ``sum((fan_in + 1) * fan_out)`` parameters over its linear layers.
 
-With ``norm="group"`` each hidden layer is followed by ``GroupNorm(affine=False)`` with groups
-of at least ``MIN_GROUP_SIZE`` features (one group if the layer is narrower): a hidden vector
-has no spatial extent, so a group of one feature would always normalise to zero.
+With ``norm="group"`` each hidden layer is followed by ``GroupNorm(affine=False)``. The MLP is
+not in the published code, so it keeps a rule of its own instead of the published
+``max(2, C // 16)`` used by LeNet and WRN: the most groups (at most ``MAX_GROUPS``) that divide
+the width and hold at least ``MIN_GROUP_SIZE`` features each, or one group if the layer is
+narrower (128 -> 8, 48 -> 3, 16 -> 1). A hidden vector has no spatial extent, so a group of
+one feature would always normalise to zero; this rule also accepts every width >= 2.
 """
 
 from __future__ import annotations
@@ -25,6 +28,17 @@ from .layers import (
 )
 
 MIN_GROUP_SIZE = 16
+MAX_GROUPS = 32
+
+
+def _hidden_groups(width: int) -> int:
+    """The MLP's GroupNorm group count for a hidden layer of ``width`` features (see above)."""
+    fits = [
+        g
+        for g in range(1, min(width, MAX_GROUPS) + 1)
+        if width % g == 0 and width // g >= MIN_GROUP_SIZE
+    ]
+    return max(fits, default=1)
 
 
 def _num_features(in_channels: int, num_classes: int, image_size: int) -> int:
@@ -57,7 +71,7 @@ def build_mlp(
     for i, out in enumerate(widths, start=1):
         layers.append((f"fc{i}", nn.Linear(width, out)))
         if norm != "none":
-            layers.append((f"norm{i}", make_norm(norm, out, MIN_GROUP_SIZE)))
+            layers.append((f"norm{i}", make_norm(norm, out, groups=_hidden_groups(out))))
         layers.append((f"act{i}", make_activation(activation)))
         width = out
     layers.append(("fc", nn.Linear(width, num_classes)))
