@@ -121,6 +121,10 @@ def main() -> None:
     a = ap.parse_args()
     if not a.no_mallopt:
         tune_malloc()
+    else:  # the client engine would otherwise tune the allocator on first use
+        import os
+
+        os.environ["BAFFLE_TUNE_MALLOC"] = "0"
     if a.quick:
         a.models, a.datasets, a.batches, a.ks, a.schemes, a.repeats = ["lenet"], ["mnist"], [32], [10], ["forward"], 2
     peak = C.gemm_rates()

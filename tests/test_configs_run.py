@@ -40,3 +40,15 @@ def test_config_runs_one_round(path, tmp_path, monkeypatch):
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [0, 1]
     assert ("val_accuracy" in metrics[-1]) == (raw.get("val_per_class", 0) > 0)
+
+
+@pytest.mark.parametrize("name,groups,params", [
+    ("mnist-wrn-fedsgd.toml", [2, 2, 2, 4, 4, 8, 8], 302_506), ("mnist-lenet-fedsgd.toml", [], 26_730),
+])
+def test_paper_configs_build_the_published_models(name, groups, params):
+    from types import SimpleNamespace
+
+    config = make_config(load_toml(REPO / "configs" / "paper" / name))
+    model = simulation.build_run_model(config, SimpleNamespace(image_size=32, in_channels=1, num_classes=10))
+    assert [m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)] == groups
+    assert sum(p.numel() for p in model.parameters()) == params

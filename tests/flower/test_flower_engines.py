@@ -54,8 +54,8 @@ def in_process(config: dict, out) -> list[torch.Tensor]:
     """``baffle train`` on ``config``; returns the aggregated ΔL of every round."""
     captured, server_update = [], R.baffle_server_update
 
-    def capture(state, replies, plan):
-        diffs = server_update(state, replies, plan)
+    def capture(state, replies, plan, **kw):
+        diffs = server_update(state, replies, plan, **kw)
         captured.append(diffs.clone())
         return diffs
 
