@@ -157,6 +157,24 @@ def test_strategy_round_equals_in_process_round_and_drops_bad_replies(tmp_path, 
     assert sim.shards.state_dict() == ref.shards.state_dict()
 
 
+def test_strategy_round_with_the_published_options_equals_the_in_process_round(tmp_path, task_identity):
+    """Per-client directions, client-side ∞-norm clipping and equal weights, through the real ClientApp."""
+    published = {**TINY, "perturbations": "per-client", "clip": 0.05, "clip_scope": "client",
+                 "client_weights": "equal"}
+    cfg = make_config(published, {"out": str(tmp_path / "unused")})
+    ref, sim = Simulation(cfg), Simulation(cfg)
+    strategy = BaffleStrategy(sim, FlowerOptions(min_replies=3), tmp_path / "rounds.jsonl")
+    messages = list(strategy.configure_train(1, ArrayRecord(sim.model.state_dict()), ConfigRecord(),
+                                             FakeGrid([100, 101, 102])))
+    plan = wire.plan_from_config(messages[0].content["config"])
+    assert plan.perturbations == "per-client" and plan.client_seed(0) != plan.client_seed(1)
+    good = _client_contents(published, 0, sim.model.state_dict(), plan)
+    new_arrays, _ = strategy.aggregate_train(1, [_reply_message(100 + pid, good[pid]) for pid in (2, 0, 1)])
+    ref.run_round(0)
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(new_arrays.to_torch_state_dict()[k], v), k
+
+
 def test_round_below_min_replies_keeps_the_model_and_logs(tmp_path, task_identity):
     sim = Simulation(make_config(TINY, {"out": str(tmp_path / "unused")}))
     before = {k: v.clone() for k, v in sim.model.state_dict().items()}

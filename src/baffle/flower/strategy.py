@@ -10,6 +10,8 @@ missing nodes, the aggregated ΔL).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import time
 from collections.abc import Iterable
@@ -99,7 +101,10 @@ class BaffleStrategy(FedAvg):
         ordered = [valid[p] for p in sorted(valid)]
         diffs = None
         if len(ordered) >= self.options.min_replies:
-            diffs = R.baffle_server_update(self.sim.server, ordered, self.plan, weighting=self.sim.config.client_weights,
+            # per-client directions are derived from the partition id, as in-process
+            by_partition = [dataclasses.replace(valid[p], client_id=p) for p in sorted(valid)]
+            diffs = R.baffle_server_update(self.sim.server, by_partition, self.plan,
+                                           weighting=self.sim.config.client_weights,
                                            update_ema=self.sim.ema_due(server_round - 1))
         else:
             log(WARNING, "round %d: %d valid repl%s < min-replies %d; model kept unchanged", server_round,
