@@ -133,10 +133,18 @@ def test_per_epoch_ema_updates_only_at_epoch_ends():
     for t in range(per_epoch - 1):
         sim.run_round(t)
     assert torch.equal(flat(sim.server.eval_model().parameters()), w0)  # no update inside the epoch
+    raw = sim.evaluate()
+    assert raw["test_accuracy"] == simulation_accuracy(sim.server.eval_model(), sim)
+    assert raw["raw_test_accuracy"] == simulation_accuracy(sim.model, sim)
     sim.run_round(per_epoch - 1)
     d = 2 / 11
     torch.testing.assert_close(flat(sim.server.eval_model().parameters()),
                                d * w0 + (1 - d) * flat(sim.model.parameters()), rtol=1e-6, atol=1e-7)
+
+
+def simulation_accuracy(model, sim):
+    with torch.no_grad():
+        return float((model(sim.data.test_inputs).argmax(1) == sim.data.test_targets).double().mean())
 
 
 def test_lr_schedule_in_epochs_with_a_constant_warmup_lr():

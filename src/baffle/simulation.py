@@ -272,6 +272,9 @@ class Simulation:
         model, c = self.server.eval_model(), self.config
         loss, acc = evaluate(model, self.data.test_inputs, self.data.test_targets, c.eval_batch_size)
         out = {"test_loss": loss, "test_accuracy": acc}
+        if model is not self.model:  # EMA on: also the raw weights (the EMA may lag by an epoch)
+            out["raw_test_loss"], out["raw_test_accuracy"] = evaluate(self.model, self.data.test_inputs,
+                                                                      self.data.test_targets, c.eval_batch_size)
         if len(self.validation):
             x, y = self.data.train_inputs[self.validation], self.data.train_targets[self.validation]
             out["val_loss"], out["val_accuracy"] = evaluate(model, x, y, c.eval_batch_size)
