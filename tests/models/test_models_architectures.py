@@ -162,10 +162,13 @@ def test_no_batch_dependent_or_random_layers(name, norm):
     banned = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
     assert not [m for m in model.modules() if isinstance(m, banned)]
     # What BAFFLE needs: each example's output does not depend on the rest of the batch.
-    x = torch.randn(5, 1, 8, 8)
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     together = model(x)
     alone = torch.cat([model(x[i : i + 1]) for i in range(5)])
-    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+    # float32 kernels may round differently with the batch shape (seen: 1.8e-6 on the un-normalised
+    # WRN, whose published init gives larger outputs); a batch-dependent layer differs by O(1) of the scale
+    scale = float(together.detach().abs().max())
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4 * scale)
 
 
 def test_wrn_structure():
