@@ -11,7 +11,6 @@ missing nodes, the aggregated ΔL).
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import time
 from collections.abc import Iterable
