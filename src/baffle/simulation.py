@@ -248,8 +248,9 @@ class Simulation:
             batches = self.shards.epoch_batches(cid, c.batch_size, c.local_epochs)
             opt = self.local_optimizers[cid]
             if c.method == "baffle-fedavg":
+                spec = self.server.spec  # the one parsed copy of the clip settings
                 seen, loss = R.baffle_local_training(self.model, batches, plan, cross_entropy, opt, client_id=cid,
-                                                     clip=c.clip, clip_norm_type=c.clip_norm_type or math.inf)
+                                                     clip=spec.clip, clip_norm_type=spec.clip_norm_type)
             else:
                 seen, loss = R.bp_local_training(self.model, batches, cross_entropy, opt)
             states.append(({k: v.clone() for k, v in self.model.state_dict().items()}, seen))
