@@ -207,12 +207,12 @@ def markdown_table(rows: list[dict]) -> str:
     cols = [(k, h) for k, h in columns([float(t) for t in _targets_of(rows)]) if h is not None]
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
-        cells = [_cell(row, k).replace("|", "\\|") for k, _ in cols]
+        cells = [format_cell(row, k).replace("|", "\\|") for k, _ in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _cell(row: dict, key: str) -> str:
+def format_cell(row: dict, key: str) -> str:
     value = row[key]
     if key == "rounds_done" and row["status"] != "finished":
         planned = row["rounds_planned"]

@@ -101,8 +101,13 @@ def baffle_client_update(model: nn.Module, batches: Sequence[Batch], plan: Round
 
 
 def baffle_server_update(state: ServerState, replies: Sequence[ClientReply], plan: RoundPlan, *,
-                         weighting: str = "examples", update_ema: bool = True) -> torch.Tensor:
+                         weighting: str = "examples", update_ema: bool = True,
+                         combined: torch.Tensor | None = None) -> torch.Tensor:
     """Rebuild ĝ from the replies and step the server optimizer; returns Σ_c w_c ΔL^c.
+
+    ``combined``: the round's aggregate K-vector when it was formed elsewhere (secure aggregation,
+    differential privacy or a robust aggregator: ``baffle.protection.combine_loss_diffs``); it needs
+    shared directions and no client-scope clipping, since ĝ is then rebuilt from that vector alone.
 
     Shared directions without client-side clipping: ĝ = rebuild(Σ_c w_c ΔL^c), one rebuild (what
     secure aggregation allows). Otherwise ĝ = Σ_c w_c clip(rebuild_c(ΔL^c)): each client's estimate
@@ -110,8 +115,14 @@ def baffle_server_update(state: ServerState, replies: Sequence[ClientReply], pla
     (the published code's per-client ∞-norm clip); the server needs every client's vector for this.
     """
     e, spec = plan.estimator, state.spec
-    diffs = aggregate_loss_diffs(replies, e.num_directions, weighting)
     per_client_clip = spec.clip is not None and spec.clip_scope == "client"
+    if combined is not None:
+        if plan.perturbations != "shared" or per_client_clip:
+            raise ValueError("a combined K-vector needs shared perturbations and no client-scope clipping "
+                             "(each client's own estimate would be needed)")
+        state.step(_rebuild(state.model, combined, plan.seed, e), update_ema=update_ema)
+        return combined
+    diffs = aggregate_loss_diffs(replies, e.num_directions, weighting)
     if plan.perturbations == "shared" and not per_client_clip:
         grads = _rebuild(state.model, diffs, plan.seed, e)
     else:
