@@ -10,6 +10,10 @@ fresh CPU ``torch.Generator`` (mt19937) seeded with ``derive_seed(seed, k, j)``.
 generated on the CPU in float32 and only then copied to the parameters' device and dtype, which makes
 ε_k bit-identical in every process and on every device. Chunking lets several threads generate one
 direction at once without changing a single bit of it. No global RNG state is touched.
+
+``stream="philox"`` (``baffle.philox``, specified in ``docs/DIRECTIONS.md``) selects the counter-based
+stream instead: number i of ε_k is a function of (seed, k, i) alone, computed on the buffer's device,
+with the same float32 bits on every CPU capability and on CUDA. The default stays ``"mt19937"``.
 """
 from __future__ import annotations
 
@@ -19,8 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from baffle import philox
+
 CHUNK_SIZE = 1 << 16
 DISTRIBUTIONS = ("gaussian", "rademacher")
+STREAMS = ("mt19937", "philox")
 _MASK64 = (1 << 64) - 1
 
 
@@ -46,6 +53,12 @@ def check_distribution(distribution: str) -> str:
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown perturbation distribution {distribution!r}; use one of {DISTRIBUTIONS}")
     return distribution
+
+
+def check_stream(stream: str) -> str:
+    if stream not in STREAMS:
+        raise ValueError(f"unknown direction stream {stream!r}; use one of {STREAMS}")
+    return stream
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -102,8 +115,16 @@ def fill_direction(
     *,
     distribution: str = "gaussian",
     generator: torch.Generator | None = None,
+    stream: str = "mt19937",
 ) -> torch.Tensor:
-    """Write ε_k of round ``seed`` into ``out`` (a contiguous float32 CPU vector of length n)."""
+    """Write ε_k of round ``seed`` into ``out`` (a contiguous float32 vector of length n).
+
+    ``stream="mt19937"`` (default) needs a CPU buffer; ``"philox"`` computes on ``out``'s device and
+    ignores ``generator``."""
+    if check_stream(stream) == "philox":
+        if out.dtype != torch.float32 or out.dim() != 1 or not out.is_contiguous():
+            raise ValueError("fill_direction needs a contiguous 1-D float32 buffer")
+        return philox.fill(out, seed, k, 0, distribution=check_distribution(distribution))
     if out.dtype != torch.float32 or out.device.type != "cpu" or out.dim() != 1:
         raise ValueError("fill_direction needs a 1-D float32 CPU buffer")
     check_distribution(distribution)
@@ -114,19 +135,19 @@ def fill_direction(
     return out
 
 
-def direction(n: int, seed: int, k: int, *, distribution: str = "gaussian") -> torch.Tensor:
+def direction(n: int, seed: int, k: int, *, distribution: str = "gaussian", stream: str = "mt19937") -> torch.Tensor:
     """ε_k as a new float32 CPU tensor of length ``n``."""
-    return fill_direction(torch.empty(n, dtype=torch.float32), seed, k, distribution=distribution)
+    return fill_direction(torch.empty(n, dtype=torch.float32), seed, k, distribution=distribution, stream=stream)
 
 
 def directions(
-    n: int, seed: int, count: int, *, distribution: str = "gaussian"
+    n: int, seed: int, count: int, *, distribution: str = "gaussian", stream: str = "mt19937"
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (k, ε_k) for k = 0..count-1, reusing one buffer (copy it if you keep it)."""
     buf = torch.empty(n, dtype=torch.float32)
     g = torch.Generator()
     for k in range(count):
-        yield k, fill_direction(buf, seed, k, distribution=distribution, generator=g)
+        yield k, fill_direction(buf, seed, k, distribution=distribution, generator=g, stream=stream)
 
 
 def split_like(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
