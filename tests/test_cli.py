@@ -13,7 +13,7 @@ import torch
 from baffle.cli import main
 from conftest import REPO
 
-TINY = ["--rounds", "6", "--clients", "4", "--batch-size", "64", "--hidden", "16", "--eval-every", "2",
+TINY = ["--rounds", "6", "--clients", "4", "--batch-size", "64", "--hidden", "16", "--eval-every", "2", "--threads", "1",
         "--no-progress"]
 K = ["--num-perturbations", "10"]  # a BAFFLE setting: refused with the backprop methods
 
@@ -87,6 +87,10 @@ def test_resume_after_sigkill_ends_with_the_same_model(tmp_path):
     (["--partition", "shards:0"], "--partition"), (["--clients", "5000"], "--clients 5000"),
     (["--config", "missing.toml"], "missing.toml"), (["--scheme", "x"], "--scheme"),
     (["--dataset", "mnist", "--data-dir", "/nonexistent"], "/nonexistent"),
+    (["--seed", "-1"], "seed (--seed): must be in"), (["--val-per-class", "200"], "--val-per-class 200:"),
+    (["--partition", "shards:500"], "--partition shards:500 with --clients 4:"),
+    (["--clients", "400"], "--clients 400:"), (["--threads", "0"], "--threads must be"),
+    (["--epochs", "inf", "--rounds", "none"], "--epochs"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, flags, match):
     out = tmp_path / "o"
@@ -102,7 +106,7 @@ def test_existing_run_is_never_overwritten(tmp_path, capsys):
     assert main(["train", *TINY, *K, "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
     assert main(["train", *TINY, *K, "--out", str(out), "--resume", "--lr", "0.5"]) == 2
-    assert "lr: 0.01 -> 0.5" in capsys.readouterr().err
+    assert "--lr 0.01 -> 0.5" in capsys.readouterr().err
     assert _digest(out) == before
     assert main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
     assert "no checkpoint.pt" in capsys.readouterr().err

@@ -54,6 +54,20 @@ def test_bad_toml_files(tmp_path, text, match):
         load_toml(tmp_path / "missing.toml")
 
 
+def test_unreadable_toml_files_are_value_errors(tmp_path):
+    with pytest.raises(ValueError, match="is a folder"):
+        load_toml(tmp_path)
+    (tmp_path / "bin.toml").write_bytes(b"lr = '\xff\xfe'\n")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_toml(tmp_path / "bin.toml")
+
+
+def test_clip_may_be_infinite_but_not_the_learning_rate():
+    assert make_config({"clip": "inf"}).clip == float("inf")
+    with pytest.raises(ValueError, match="finite"):
+        make_config({"lr": "inf"})
+
+
 @pytest.mark.parametrize("overrides,match", [
     ({"num_perturbations": "0"}, r"--num-perturbations.*>= 1"),
     ({"num_perturbations": 2.5}, r"--num-perturbations.*expected int"),
@@ -63,6 +77,11 @@ def test_bad_toml_files(tmp_path, text, match):
     ({"partition": "dirichlet:-1"}, "--partition"), ({"partition": "banana"}, "--partition"),
     ({"method": "sgd"}, r"--method.*bp-fedavg"), ({"scheme": "backward"}, "--scheme"),
     ({"ema_decay": 1.0}, "--ema-decay"), ({"hidden": "a,b"}, "--hidden"),
+    ({"seed": -1}, r"--seed.*\[0, 2\*\*63 - 1\]"), ({"seed": 2**63}, "--seed"), ({"hidden": "16,0"}, "--hidden"),
+    ({"epochs": "inf"}, r"--epochs.*finite"), ({"lr": float("inf")}, r"--lr.*finite"), ({"sigma": "1e400"}, "--sigma"),
+    ({"momentum": "nan", "optimizer": "sgd"}, "--momentum"), ({"weight_decay": "inf"}, "--weight-decay"),
+    ({"lr": 10**400}, r"--lr.*expected float"), ({"image_size": 5000}, r"--image-size.*<= 1024"),
+    ({"out": ""}, r"--out.*empty"), ({"data_dir": "a\0b"}, r"--data-dir.*NUL"),
 ])
 def test_bad_values_name_the_flag(overrides, match):
     with pytest.raises(ValueError, match=match):

@@ -2,72 +2,140 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import math
+import re
 import sys
+import time
+from pathlib import Path
 
-from baffle.config import FIELDS, flag, load_toml, make_config
+from baffle import __version__
+from baffle.config import APPLIES, FIELDS, REQUIRES, TrainConfig, flag, load_toml, make_config
 
 HELP = {
     "dataset": "digits (built in, no files), mnist, fashion-mnist, cifar10",
     "data_dir": "folder with the dataset files (see README 'Data')",
     "normalize": "inputs: mean-std (measured train-set statistics), none ([0, 1]), published (the published code's)",
     "augment": "none, crop-flip (training batches: reflect-pad 4, random flip, random crop; as published for CIFAR)",
-    "model": "mlp, linear, lenet, wrn, wrn-10-2 (default: mlp for digits, lenet otherwise)",
+    "model": "mlp, linear, lenet, wrn, wrn-10-2",
     "activation": "hardswish, relu, selu, gelu, silu, tanh, elu, leaky_relu",
     "norm": "none, group (GroupNorm without affine, max(2, C//16) groups; BatchNorm is refused)",
     "hidden": "MLP hidden widths, comma separated (e.g. 128,64)",
-    "image_size": "resize inputs to this side (default: 32 for MNIST/CIFAR, 8 for digits)",
+    "image_size": "resize inputs to this side",
     "clients": "number of clients C",
     "fraction": "fraction of clients sampled per round, in (0, 1]",
     "partition": "iid (the published split), dirichlet:ALPHA, shards:K",
     "val_per_class": "examples of each class held out for validation (the published code: 500)",
     "client_weights": "examples (n_c / Σ n), equal (1 / C)",
     "method": "baffle (FedSGD), baffle-fedavg (local BAFFLE steps), bp-fedsgd, bp-fedavg",
-    "num_perturbations": "K, perturbations per client step (baffle methods; default 200)",
-    "sigma": "perturbation scale σ (baffle methods; default 1e-4)",
-    "scheme": "forward (K+1 passes), central (2K), twice-fd (forward with 2K directions); default forward",
-    "distribution": "gaussian (default), rademacher",
-    "perturbations": "shared (one seed for all clients; default), per-client (each client its own noise, as published)",
-    "rounds": "server rounds (default: epochs × rounds per epoch)",
+    "num_perturbations": "K, perturbations per client step",
+    "sigma": "perturbation scale σ",
+    "scheme": "forward (K+1 passes), central (2K), twice-fd (forward with 2K directions)",
+    "distribution": "gaussian, rademacher",
+    "perturbations": "shared (one seed for all clients), per-client (each client its own noise, as published)",
+    "rounds": "server rounds (on --resume: more than done extends the run, fewer is refused)",
     "epochs": "passes over each client's data (used when --rounds is not given)",
     "batch_size": "client batch size",
-    "local_epochs": "local epochs per round (baffle-fedavg, bp-fedavg; default 1)",
+    "local_epochs": "local epochs per round",
     "optimizer": "adam, sgd: the server's (FedSGD methods) or each client's persistent one (epoch-level methods)",
     "lr": "learning rate of that optimizer",
-    "momentum": "SGD momentum (default 0.9)",
-    "nesterov": "SGD Nesterov momentum: true/false (default false)",
-    "adam_betas": "Adam betas, comma separated (default 0.9,0.999; the published code 0.9,0.99)",
+    "momentum": "SGD momentum",
+    "nesterov": "SGD Nesterov momentum: true/false",
+    "adam_betas": "Adam betas, comma separated (the published code: 0.9,0.99)",
     "weight_decay": "coupled L2 weight decay of the optimizer (the published code: 5e-4)",
-    "schedule_unit": "round (default), epoch: the unit of --warmup and --lr-milestones (FedSGD methods)",
-    "warmup": "warm-up length in --schedule-unit (default 0)",
+    "schedule_unit": "round, epoch: the unit of --warmup and --lr-milestones",
+    "warmup": "warm-up length in --schedule-unit",
     "warmup_lr": "constant LR during the warm-up (the published code: 0.02 for one epoch); none: linear ramp",
     "lr_milestones": "units at which the LR is multiplied by --lr-gamma (comma separated)",
-    "lr_gamma": "LR factor at each milestone (default 0.1)",
+    "lr_gamma": "LR factor at each milestone",
     "clip": "clip ĝ to this norm (the published code: 0.3, inf-norm, per client); 'none' disables",
-    "clip_norm_type": "norm for --clip: inf (default), 2, ...",
-    "clip_scope": "client (each client's estimate, before averaging), server (the aggregate; default for FedSGD)",
+    "clip_norm_type": "norm for --clip: inf, 2, ...",
+    "clip_scope": "client (each client's estimate, before averaging), server (the aggregate)",
     "ema_decay": "EMA of the weights used for evaluation and model.pt, e.g. 0.995; 'none' disables",
-    "ema_ramp": "true: torch_ema's decay min(decay, (1+t)/(10+t)) at update t (as published); default false",
-    "ema_every": "round (default), epoch (one EMA update per epoch, as published)",
+    "ema_ramp": "true: torch_ema's decay min(decay, (1+t)/(10+t)) at update t (as published)",
+    "ema_every": "round, epoch (one EMA update per epoch, as published)",
     "memory_format": "auto (probed once per run and recorded), nchw, channels_last",
-    "eval_every": "evaluate and checkpoint every N rounds (default: once per epoch)",
+    "eval_every": "evaluate (and checkpoint) every N rounds, and after the last",
     "eval_batch_size": "batch size for evaluation",
     "seed": "seed of everything random (init, partition, sampling, batches, perturbations)",
-    "out": "output folder (metrics.jsonl, summary.json, model.pt, checkpoint.pt, config.json)",
+    "out": "output folder (config.json, metrics.jsonl, rounds.jsonl, checkpoint.pt, summary.json, model.pt)",
 }
+
+
+# Defaults that are not a plain value of TrainConfig (None there means "decided by another setting").
+DEFAULT_TEXT = {
+    "model": "mlp for digits, lenet otherwise", "image_size": "32 for MNIST/CIFAR, 8 for digits",
+    "rounds": "epochs × rounds per epoch", "eval_every": "once per epoch", "ema_decay": "none (off)",
+    "clip_scope": "server (FedSGD), client (epoch-level methods); with --clip",
+    "out": "runs/<time>-<dataset>-<model>-<method> (a new folder per run)",
+}
+MAX_THREADS = 1024
+# Flags that are not TrainConfig keys: (meaning, default).
+RUN_FLAGS = {
+    "config": ("TOML file with any of the keys above (flags override it)", "none"),
+    "resume": ("continue the run in --out from its checkpoint, with its recorded settings; only --rounds, "
+               "--epochs, --eval-every and --checkpoint-every may change", "off"),
+    "no_progress": ("no progress bar or progress lines (the start and final lines are still printed)", "off"),
+    "threads": ("torch CPU threads; 1 is much faster when other processes compete for the cores. Recorded in "
+                "the checkpoint: --resume uses it, and refuses a different value (results can differ in the last "
+                "bits between thread counts)", "torch's choice; on --resume the run's"),
+    "checkpoint_every": ("also checkpoint between evaluations: every N rounds, Ns / Nm / Nh, both ('100,5m'; "
+                         "whichever comes first) or none (evaluations only). Only changes speed: recorded, and may "
+                         "change on --resume", "5m; on --resume the run's"),
+    "log_every": ("progress lines when the output is not a terminal (a file, a pipe): every N rounds and/or "
+                  "time, as --checkpoint-every", "30s"),
+}
+
+
+def _value_text(value) -> str:
+    if value is None or value == ():
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(_value_text(v) for v in value)
+    if isinstance(value, float):
+        return "inf" if value == math.inf else f"{value:g}"
+    return str(value)
+
+
+def default_text(name: str) -> str:
+    """The default of config key ``name`` in words (for --help and the README's CLI reference)."""
+    if name in DEFAULT_TEXT:
+        return DEFAULT_TEXT[name]
+    if name in APPLIES:
+        default, methods = APPLIES[name]
+        return f"{_value_text(default)} ({', '.join(methods)})"
+    if name in REQUIRES:
+        default, (key, wanted), _ = REQUIRES[name]
+        return f"{_value_text(default)} (with {flag(key)}{'' if wanted is ... else ' ' + str(wanted)})"
+    return _value_text(getattr(TrainConfig(), name))
+
+
+def _help(meaning: str, default: str) -> str:
+    return f"{meaning} (default: {default})".replace("%", "%%")
+
+
+def _one_line_error(parser: argparse.ArgumentParser, message: str) -> None:
+    """argparse's error, as one line (the usage is in --help)."""
+    print(f"{parser.prog}: error: {message} (see {parser.prog} --help)", file=sys.stderr)
+    sys.exit(2)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="baffle", description="Backpropagation-free federated learning.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train in-process (the embedded federated simulator)",
                            description="Train with BAFFLE or a backprop baseline. Flags override --config.")
-    train.add_argument("--config", metavar="FILE.toml", help="TOML file with the same keys as the flags")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train.add_argument("--threads", type=int, metavar="N",
-                       help="torch CPU threads (default: torch's choice); 1 is much faster on a busy machine")
     for name in FIELDS:
-        train.add_argument(flag(name), dest=name, default=argparse.SUPPRESS, metavar="V", help=HELP[name])
+        train.add_argument(flag(name), dest=name, default=argparse.SUPPRESS, metavar="V",
+                           help=_help(HELP[name], default_text(name)))
+    metavars = {"config": "FILE.toml", "threads": "N", "checkpoint_every": "SPEC", "log_every": "SPEC"}
+    for name, (meaning, default) in RUN_FLAGS.items():
+        kind = {"action": "store_true"} if name not in metavars else {"metavar": metavars[name]}
+        kind.update({"type": int} if name == "threads" else {})
+        train.add_argument(flag(name), dest=name, help=_help(meaning, default), **kind)
     from baffle.flower.cli import add_deploy_parser  # imports neither flwr nor torch
 
     add_deploy_parser(sub)
@@ -77,27 +145,76 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--out", metavar="DIR", help="also write DIR/report.csv and accuracy plots (PNG)")
     report.add_argument("--targets", default="0.9,0.95", metavar="A,B",
                         help="test accuracies to reach: first round, forward passes and wall time (default 0.9,0.95)")
+    for p in (parser, *sub.choices.values()):
+        p.error = functools.partial(_one_line_error, p)
     return parser
 
 
 def _train(args: argparse.Namespace) -> int:
-    from baffle.training import saved_config, train
+    from baffle.training import check_fresh_out, check_out_usable, load_checkpoint, train
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    options = _run_options(args)
     flags = {k: getattr(args, k) for k in FIELDS if hasattr(args, k)}
     file_layer = load_toml(args.config) if args.config else {}
-    out = flags.get("out", file_layer.get("out", make_config().out))
-    base = saved_config(out) if args.resume else {}
+    given = flags.get("out", file_layer.get("out"))
+    out = None if given is None else make_config({"out": given}).out  # validated like any key
+    if args.resume and out is None:
+        raise ValueError("--resume needs --out: the folder of the run to continue")
+    ckpt = None
+    if out is not None:  # checked before the checkpoint or any data is read
+        check_out_usable(out)
+        if args.resume:
+            ckpt = load_checkpoint(out)
+        else:
+            check_fresh_out(Path(out))
+    base = dict(ckpt["config"]) if ckpt else {}
+    if ckpt and "epochs" in flags and "rounds" not in flags and "rounds" not in file_layer:
+        base["rounds"] = None  # an explicit --epochs sets the length of a resumed run
     config = make_config(base, file_layer, flags)
-    summary = train(config, resume=args.resume, progress=not args.no_progress)
+    if out is None:
+        config = make_config(base, file_layer, flags, {"out": fresh_out(config)})
+    args.resolved_out = config.out
+    summary = train(config, resume=args.resume, progress=not args.no_progress, options=options, checkpoint=ckpt)
     print(f"final test accuracy {summary['final_test_accuracy']:.4f} after {summary['rounds']} rounds "
-          f"in {summary['wall_s']:.1f} s; outputs in {config.out}")
+          f"in {summary['wall_s']:.1f} s; outputs in {config.out}", flush=True)
     return 0
+
+
+def _run_options(args: argparse.Namespace):
+    from baffle.training import DEFAULT_LOG_EVERY, RunOptions, parse_cadence
+
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise ValueError(f"--threads must be between 1 and {MAX_THREADS}, got {args.threads}")
+    every = None if args.checkpoint_every is None else parse_cadence(args.checkpoint_every, "--checkpoint-every")
+    log = parse_cadence(args.log_every or DEFAULT_LOG_EVERY, "--log-every")
+    return RunOptions(threads=args.threads, checkpoint_every=every, log_every=log, announce=True)
+
+
+def fresh_out(config: TrainConfig, root: str | Path = "runs") -> str:
+    """A folder name no run uses yet: runs/<time>-<dataset>-<model>-<method>[-N]."""
+    stem = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.dataset}-{config.model_name}-{config.method}"
+    candidate, n = stem, 1
+    while candidate.exists():
+        n += 1
+        candidate = stem.with_name(f"{stem.name}-{n}")
+    return str(candidate)
+
+
+def reference_table() -> str:
+    """The README's CLI reference table, read from the ``train`` parser (flag, default, meaning)."""
+    train = _parser()._subparsers._group_actions[0].choices["train"]
+    rows = ["| flag / TOML key | default | meaning |", "|---|---|---|"]
+    for action in train._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        meaning, _, default = action.help.replace("%%", "%").rpartition(" (default: ")
+        default = default[:-1]
+        if action.dest in FIELDS:
+            default = f"`{default}`" if " " not in default else re.sub(r"(\S*<\S*)", r"`\1`", default)
+        else:
+            meaning = f"(flag only) {meaning}"
+        rows.append(f"| `{action.option_strings[0]}` | {default} | {meaning.replace('|', chr(92) + '|')} |")
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,11 +233,27 @@ def main(argv: list[str] | None = None) -> int:
             return run_report(args.runs, out=args.out, targets=args.targets)
         return _train(args)
     except ValueError as e:
-        print(f"baffle: error: {e}", file=sys.stderr)
+        print(f"baffle: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except (OSError, MemoryError) as e:  # e.g. a disk filling up or memory running out during a run
+        hint = ("; the last checkpoint is intact: free space or memory, then continue with --resume"
+                if args.command == "train" else "")
+        print(f"baffle: error: {type(e).__name__}: {_one_line(e)}{hint}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("baffle: interrupted; continue with the same command plus --resume", file=sys.stderr)
+        out = getattr(args, "resolved_out", None)
+        if out is None:
+            how = "continue with the same command plus --resume"
+        elif (Path(out) / "checkpoint.pt").is_file():
+            how = f"continue from the last checkpoint with: baffle train --out {out} --resume"
+        else:
+            how = "before the first checkpoint, so there is nothing to resume: run the command again"
+        print(f"baffle: interrupted; {how}", file=sys.stderr)
         return 130
+
+
+def _one_line(e: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def _coerce(name, value, hint):
             return float(value)
         if hint is str and isinstance(value, str):
             return value
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     _fail(name, f"expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
@@ -188,13 +188,19 @@ def _check_ranges(c: TrainConfig) -> None:
         v = getattr(c, name)
         if v is not None and not (v > 0 and not math.isnan(v)):
             _fail(name, f"must be > 0, got {v}")
+        if v is not None and name not in ("clip", "clip_norm_type") and math.isinf(v):
+            _fail(name, f"must be a finite number, got {v}")
     if not 0 < c.fraction <= 1:
         _fail("fraction", f"must be in (0, 1], got {c.fraction}")
     if c.ema_decay is not None and not 0 < c.ema_decay < 1:
         _fail("ema_decay", f"must be in (0, 1), got {c.ema_decay}")
     for name in ["momentum", "weight_decay", "warmup", "val_per_class"]:
-        if getattr(c, name) is not None and getattr(c, name) < 0:
-            _fail(name, f"must be >= 0, got {getattr(c, name)}")
+        v = getattr(c, name)
+        if v is not None and not v >= 0:  # also NaN
+            _fail(name, f"must be >= 0, got {v}")
+        if v is not None and math.isinf(v):
+            _fail(name, f"must be a finite number, got {v}")
+    _check_sizes(c)
     if c.lr_milestones and any(m < 1 for m in c.lr_milestones):
         _fail("lr_milestones", f"must be >= 1, got {list(c.lr_milestones)}")
     if c.adam_betas is not None and (len(c.adam_betas) != 2 or not all(0 <= b < 1 for b in c.adam_betas)):
@@ -205,6 +211,25 @@ def _check_ranges(c: TrainConfig) -> None:
         _fail("clip_scope", f"method {c.method!r} clips each local step's estimate: use 'client'")
     if c.nesterov and not c.momentum:
         _fail("nesterov", "needs --momentum > 0")
+
+
+def _check_sizes(c: TrainConfig) -> None:
+    """Seeds, widths, image sizes and paths that no run can use (they would fail deep inside a run)."""
+    if not 0 <= c.seed <= MAX_SEED:
+        _fail("seed", f"must be in [0, 2**63 - 1], got {c.seed}")
+    if any(h < 1 for h in c.hidden):
+        _fail("hidden", f"every width must be >= 1, got {','.join(map(str, c.hidden))}")
+    if c.image_size is not None and c.image_size > MAX_IMAGE_SIZE:
+        _fail("image_size", f"must be <= {MAX_IMAGE_SIZE}, got {c.image_size}")
+    if not c.out:
+        _fail("out", "must not be empty")
+    for name in ("out", "data_dir"):
+        if "\0" in (getattr(c, name) or ""):
+            _fail(name, "contains a NUL character")
+
+
+MAX_SEED = 2**63 - 1  # seeds are mixed as 64-bit words; TOML integers are 64-bit
+MAX_IMAGE_SIZE = 1024
 
 
 def _check_choices(c: TrainConfig) -> None:
@@ -264,7 +289,11 @@ def load_toml(path: str | Path) -> dict:
             raw = tomllib.load(f)
     except FileNotFoundError:
         raise ValueError(f"config file {p} not found") from None
-    except tomllib.TOMLDecodeError as e:
+    except IsADirectoryError:
+        raise ValueError(f"config file {p} is a folder; pass a .toml file") from None
+    except OSError as e:
+        raise ValueError(f"config file {p} cannot be read ({e.strerror or e})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"config file {p} is not valid TOML: {e}") from None
     return normalise_keys(raw, source=str(p))
 

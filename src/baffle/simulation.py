@@ -171,12 +171,14 @@ class Simulation:
     def __init__(self, config: TrainConfig):
         self.config = c = config
         data = load_dataset(c.dataset, c.data_dir, image_size=c.image_size, normalize=c.normalize)
+        if c.clients > len(data.train_targets):  # refused before partitioning allocates per-client lists
+            raise ValueError(f"--clients {c.clients}: more clients than the {len(data.train_targets)} training "
+                             f"examples of {c.dataset}; use fewer clients")
         try:
             part = partition_indices(data.train_targets, c.clients, c.partition, seed=c.seed,
                                      val_per_class=c.val_per_class, num_classes=data.num_classes)
         except ValueError as e:
-            raise ValueError(f"--clients {c.clients} / --partition {c.partition} / --val-per-class "
-                             f"{c.val_per_class}: {e}") from None
+            raise ValueError(f"{_partition_culprit(str(e), c)}: {e}") from None
         self.data, self.validation = data, torch.from_numpy(np.asarray(part.validation, dtype=np.int64))
         self.shards = ClientShards(data.train_inputs, data.train_targets, part.clients, c.seed, c.augment)
         self.model = build_run_model(c, data)
@@ -293,6 +295,17 @@ class Simulation:
         for opt, saved in zip(self.local_optimizers or [], state.get("local_optimizers") or []):
             opt.load_state_dict(saved)
         self.layout = state.get("layout", self.layout)
+
+
+def _partition_culprit(message: str, c: TrainConfig) -> str:
+    """The flag(s) a partition error is about (its message names the partitioner's parameter)."""
+    if message.startswith("val_per_class"):
+        return f"--val-per-class {c.val_per_class}"
+    if message.startswith(("shards", "bad partition")):
+        return f"--partition {c.partition} with --clients {c.clients}"
+    if c.val_per_class and "val_per_class" in message:
+        return f"--clients {c.clients} / --val-per-class {c.val_per_class}"
+    return f"--clients {c.clients}"
 
 
 def _weighted_mean(pairs) -> float:

@@ -1,35 +1,127 @@
 """A training run on disk: output layout, atomic checkpoints, bit-identical resume, metrics, progress.
 
-Layout of ``--out``: ``metrics.jsonl`` (one JSON object per evaluation), ``summary.json``,
-``model.pt`` (final global weights; EMA weights if EMA is on) and ``checkpoint.pt`` (everything
-needed to continue, written atomically at every evaluation).
+Layout of ``--out``: ``metrics.jsonl`` (one JSON object per evaluation), ``rounds.jsonl`` (one per
+round, appended as it finishes), ``summary.json``, ``model.pt`` (final global weights; EMA weights if
+EMA is on) and ``checkpoint.pt`` (everything needed to continue: written atomically, with a checksum,
+at every evaluation and by the ``checkpoint_every`` cadence).
+
+A checkpoint also records the run's *runtime* settings, which are not part of ``TrainConfig``:
+``threads`` (changes results in the last bits: a different explicit value is refused on resume) and
+``checkpoint_every`` (changes only speed: a new explicit value is used and recorded). Checkpoints
+written before these were recorded simply lack them: the flag or the default is used.
 """
 from __future__ import annotations
 
 import json
+import re
+import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from baffle.config import TrainConfig, make_config
-from baffle.io import save_json, save_jsonl, save_torch
+from baffle.config import TrainConfig, flag, make_config
+from baffle.io import check_writable_folder, load_checked, save_checked, save_json, save_jsonl, save_torch
 from baffle.simulation import Simulation
 
 CHECKPOINT, METRICS, SUMMARY, MODEL, CONFIG = "checkpoint.pt", "metrics.jsonl", "summary.json", "model.pt", "config.json"
+ROUNDS = "rounds.jsonl"
 # Keys that may change when a run is resumed (they do not change what the finished rounds computed).
 RESUMABLE_KEYS = frozenset({"rounds", "epochs", "eval_every", "out"})
+DEFAULT_CHECKPOINT_EVERY, DEFAULT_LOG_EVERY = "5m", "30s"
+_CHECKPOINT_KEYS = {"config": dict, "round": int, "state": dict, "metrics": list, "wall_s": (int, float)}
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """Every ``rounds`` rounds and/or every ``seconds`` seconds, whichever comes first (neither: never)."""
+
+    rounds: int | None = None
+    seconds: float | None = None
+
+    def due(self, rounds_since: int, seconds_since: float) -> bool:
+        return ((self.rounds is not None and rounds_since >= self.rounds)
+                or (self.seconds is not None and seconds_since >= self.seconds))
+
+    def __str__(self) -> str:
+        time_ = None
+        if self.seconds:
+            unit = next(u for u in "hms" if self.seconds % _UNITS[u] == 0 or u == "s")
+            time_ = f"{self.seconds / _UNITS[unit]:g}{unit}"
+        return ",".join(p for p in (self.rounds and str(self.rounds), time_) if p) or "none"
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_cadence(text: str, flag_name: str) -> Cadence:
+    """``"100"`` (rounds), ``"300s"``/``"5m"``/``"1h"`` (time), ``"100,5m"`` (both), ``"none"``."""
+    rounds = seconds = None
+    parts = [p.strip().lower() for p in str(text).split(",")]
+    for part in parts:
+        number = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)([smh]?)", part)
+        if part == "none" and len(parts) == 1:
+            return Cadence()
+        if number is None or (not number[2] and "." in number[1]) or (rounds if not number[2] else seconds):
+            raise ValueError(f"{flag_name} {text!r}: expected N (rounds), Ns, Nm or Nh (time), both as "
+                             "'100,5m', or 'none'")
+        if number[2]:
+            seconds = float(number[1]) * _UNITS[number[2]]
+        else:
+            rounds = int(number[1])
+    if rounds == 0 or seconds == 0:
+        raise ValueError(f"{flag_name} {text!r}: must be >= 1 round or > 0 seconds")
+    return Cadence(rounds, seconds)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run is executed (not what it computes; see the module docstring for the stored ones).
+
+    ``threads`` / ``checkpoint_every``: explicit values (None: the checkpoint's on resume, else torch's
+    thread count / ``DEFAULT_CHECKPOINT_EVERY``). ``clock``: seconds (tests pass a fake one).
+    """
+
+    threads: int | None = None
+    checkpoint_every: Cadence | None = None
+    log_every: Cadence = field(default_factory=lambda: parse_cadence(DEFAULT_LOG_EVERY, "log_every"))
+    announce: bool = False  # print the start line (the CLI does)
+    clock: Callable[[], float] = time.perf_counter
+    stream: object = None  # progress output (None: sys.stderr); a TTY gets a bar, anything else log lines
 
 
 def load_checkpoint(out: str | Path) -> dict:
+    """The checkpoint in ``out``; ValueError (one line) if it is missing, truncated or corrupt."""
     path = Path(out) / CHECKPOINT
     if not path.is_file():
         raise ValueError(f"--resume: no {CHECKPOINT} in {out}; start the run without --resume")
     try:
-        return torch.load(path, weights_only=True)
-    except Exception as e:  # a checkpoint is written atomically, so this is a foreign or damaged file
-        raise ValueError(f"--resume: cannot read {path} ({type(e).__name__}: {e})") from None
+        ckpt, verified = load_checked(path)
+        _check_layout(ckpt, verified)
+    except ValueError as e:  # written atomically, so this is a damaged or foreign file
+        raise ValueError(f"--resume: truncated or corrupt checkpoint {path} ({e}); restore it from a backup "
+                         "or start again in a new --out") from None
+    return ckpt
+
+
+def _check_layout(ckpt, verified: bool) -> None:
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"not a baffle checkpoint ({type(ckpt).__name__})")
+    extra = set(ckpt) - set(_CHECKPOINT_KEYS)
+    if extra - ({"runtime"} if verified else set()):  # an unverified (older) checkpoint has exactly these keys
+        raise ValueError(f"unexpected entries {sorted(map(str, extra))}")
+    for key, kind in _CHECKPOINT_KEYS.items():
+        if not isinstance(ckpt.get(key), kind) or isinstance(ckpt.get(key), bool):
+            raise ValueError(f"{key!r} is missing or malformed")
+    if ckpt["round"] < 0 or not isinstance(ckpt.get("runtime", {}), dict):
+        raise ValueError("malformed round or runtime record")
+    for rec in ckpt["metrics"] or [None]:
+        if not (isinstance(rec, dict) and isinstance(rec.get("round"), int)
+                and isinstance(rec.get("test_accuracy"), (int, float))):
+            raise ValueError("malformed metrics record")
 
 
 def saved_config(out: str | Path) -> dict:
@@ -37,64 +129,274 @@ def saved_config(out: str | Path) -> dict:
     return load_checkpoint(out)["config"]
 
 
+def check_out_usable(out: str | Path) -> None:
+    """ValueError (one line, naming --out) unless ``out`` is or can become a writable folder."""
+    try:
+        check_writable_folder(out)
+    except ValueError as e:
+        raise ValueError(f"--out {out}: {e}; choose another --out") from None
+
+
 def check_fresh_out(out: Path) -> None:
-    taken = [name for name in (CHECKPOINT, METRICS, SUMMARY, MODEL) if (out / name).exists()]
-    if taken:
+    """ValueError unless ``out`` holds no run (a run stopped before its first checkpoint holds nothing of
+    value: its empty metrics.jsonl does not count)."""
+    taken = [name for name in (CHECKPOINT, METRICS, SUMMARY, MODEL) if (out / name).exists()
+             and not (name == METRICS and (out / name).stat().st_size == 0)]
+    if taken and CHECKPOINT in taken:
         raise ValueError(f"--out {out} already holds a run ({', '.join(taken)}); pass --resume to continue it "
                          "or choose another --out")
+    if taken:
+        raise ValueError(f"--out {out} holds files of a run without a checkpoint ({', '.join(taken)}); "
+                         "remove them or choose another --out")
 
 
 def _check_compatible(config: TrainConfig, saved: dict) -> None:
     now = config.to_dict()
-    changed = [k for k in now if k not in RESUMABLE_KEYS and make_config(saved).to_dict()[k] != now[k]]
+    try:
+        before = make_config(saved).to_dict()
+    except ValueError as e:
+        raise ValueError(f"--resume: the checkpoint's configuration is not valid here ({e})") from None
+    changed = [k for k in now if k not in RESUMABLE_KEYS and before[k] != now[k]]
     if changed:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
-        raise ValueError(f"--resume: settings differ from the checkpoint's ({detail}); only "
-                         f"{', '.join(sorted(RESUMABLE_KEYS))} may change")
+        detail = ", ".join(f"{flag(k)} {before[k]!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(f"--resume: settings differ from the checkpoint's ({detail}); only --rounds, --epochs, "
+                         "--eval-every and --checkpoint-every may change")
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
-    """Run (or continue) ``config`` in-process and write the outputs; returns the summary."""
+def resolve_runtime(options: RunOptions, stored: dict | None, out: Path) -> dict:
+    """The run's runtime settings: explicit options, else the checkpoint's, else defaults."""
+    stored = stored or {}
+    saved_threads = stored.get("threads")
+    if not (isinstance(saved_threads, int) and saved_threads >= 1):
+        saved_threads = None  # not recorded (a checkpoint from before runtime settings were stored)
+    if options.threads is not None and saved_threads is not None and options.threads != saved_threads:
+        raise ValueError(f"--threads {options.threads}: the run in {out} was computed with --threads "
+                         f"{saved_threads}, and CPU reductions can differ in the last bits between thread "
+                         f"counts (the resumed run would not match an uninterrupted one); resume with "
+                         f"--threads {saved_threads} or without --threads")
+    every = options.checkpoint_every
+    if every is None:
+        every = parse_cadence(stored.get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY), "--checkpoint-every")
+    return {"threads": options.threads or saved_threads or torch.get_num_threads(),
+            "checkpoint_every": str(every), "torch": str(torch.__version__)}
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, options: RunOptions | None = None,
+          checkpoint: dict | None = None) -> dict:
+    """Run (or continue) ``config`` in-process and write the outputs; returns the summary.
+
+    Everything is checked before data loads (the folder, the checkpoint, the settings), then the data,
+    partition and model before anything is written. ``checkpoint``: an already loaded one (resume).
+    """
+    options = options or RunOptions()
     out = Path(config.out)
-    ckpt = load_checkpoint(out) if resume else None
+    check_out_usable(out)
+    ckpt = checkpoint if checkpoint is not None else load_checkpoint(out) if resume else None
     if ckpt is None:
         check_fresh_out(out)
     else:
         _check_compatible(config, ckpt["config"])
-    sim = Simulation(config)  # validates data, partition and model before anything is written
-    out.mkdir(parents=True, exist_ok=True)
-    save_json(config.to_dict(), out / CONFIG)  # readable while the run is in progress (baffle report)
-    metrics, start, wall0 = [], 0, 0.0
-    if ckpt is not None:
+    runtime = resolve_runtime(options, ckpt.get("runtime") if ckpt else None, out)
+    if ckpt is not None and config.rounds is not None:
+        _check_rounds(config, config.rounds, ckpt["round"], out)  # before the data loads, when it can be
+    if options.announce:
+        print(f"baffle: output folder {out}" + (f" (resuming at round {ckpt['round']})" if ckpt else ""), flush=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(runtime["threads"])
+    try:
+        sim = Simulation(config)  # validates data, partition and model before anything is written
+        _check_rounds(config, sim.rounds, ckpt["round"] if ckpt else 0, out)
+        return _Run(sim, out, runtime, options, progress).run(ckpt)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_rounds(config: TrainConfig, rounds: int, done: int, out: Path) -> None:
+    if rounds >= done:
+        return
+    given = (f"--rounds {config.rounds}" if config.rounds is not None
+             else f"--epochs {config.epochs:g} ({rounds} rounds)")
+    raise ValueError(f"{given}: the run in {out} has already done {done} rounds; give at least --rounds {done} "
+                     "(more extends the run)")
+
+
+class _Run:
+    """The loop of one process's part of a run: rounds, per-round log, evaluations, checkpoints, display."""
+
+    def __init__(self, sim: Simulation, out: Path, runtime: dict, options: RunOptions, progress: bool):
+        self.sim, self.out, self.runtime, self.options, self.clock = sim, out, runtime, options, options.clock
+        self.checkpoint_every = parse_cadence(runtime["checkpoint_every"], "--checkpoint-every")
+        self.progress = progress
+
+    def run(self, ckpt: dict | None) -> dict:
+        sim, out = self.sim, self.out
+        metrics, start, wall0 = [], 0, 0.0
+        if ckpt is not None:
+            _load_state(sim, ckpt, out)
+            metrics, start, wall0 = list(ckpt["metrics"]), ckpt["round"], float(ckpt["wall_s"])
+        out.mkdir(parents=True, exist_ok=True)
+        save_json(sim.config.to_dict(), out / CONFIG)  # readable while the run is in progress (baffle report)
+        if start < sim.rounds:
+            (out / SUMMARY).unlink(missing_ok=True)  # in progress again: written back when it finishes
+        save_jsonl(metrics, out / METRICS)
+        log = RoundsLog(out / ROUNDS, keep_through=start)
+        t0 = self.clock()
+        self.wall = lambda: wall0 + self.clock() - t0
+        if self.options.announce:
+            print(start_line(sim, start, self.runtime), flush=True)
+        if start == 0:
+            record_evaluation(sim, out, metrics, 0, {"clients": 0, "train_loss": None}, self.wall(),
+                              runtime=self.runtime)
+        elif start == sim.rounds and metrics[-1]["round"] != start:  # ends at a checkpoint between evaluations
+            last = next((r for r in reversed(read_jsonl(out / ROUNDS)) if r.get("round") == start), {})
+            info = {"clients": last.get("clients"), "train_loss": last.get("train_loss")}
+            record_evaluation(sim, out, metrics, start, info, self.wall(), runtime=self.runtime)
+        display = Display(sim.rounds, start, self.progress, self.options)
+        try:
+            self._loop(start, metrics, log, display)
+        finally:
+            display.close()
+            log.close()
+        return finish_run(sim, out, metrics, self.wall(), runtime=self.runtime)
+
+    def _loop(self, start: int, metrics: list, log: "RoundsLog", display: "Display") -> None:
+        sim, saved_round, saved_at = self.sim, start, self.clock()
+        for server_round in range(start, sim.rounds):
+            began = self.clock()
+            info = sim.run_round(server_round)
+            done = server_round + 1
+            log.write({"round": done, **info, **vars(sim.counters), "round_s": self.clock() - began,
+                       "wall_s": self.wall()})
+            if done % sim.eval_every == 0 or done == sim.rounds:
+                record_evaluation(sim, self.out, metrics, done, info, self.wall(), runtime=self.runtime)
+                saved_round, saved_at = done, self.clock()
+            elif self.checkpoint_every.due(done - saved_round, self.clock() - saved_at):
+                write_checkpoint(sim, self.out, metrics, done, self.wall(), runtime=self.runtime)
+                saved_round, saved_at = done, self.clock()
+            display.update(done, info, metrics[-1], self.wall())
+
+
+def _load_state(sim: Simulation, ckpt: dict, out: Path) -> None:
+    if ckpt["state"].get("engine") == "flower":
+        raise ValueError(f"--resume: {out / CHECKPOINT} was written by `baffle deploy` (Flower), not by "
+                         "`baffle train`; resume it with `baffle deploy --resume`")
+    try:
         sim.load_state_dict(ckpt["state"])
-        metrics, start, wall0 = list(ckpt["metrics"]), ckpt["round"], ckpt["wall_s"]
-    save_jsonl(metrics, out / METRICS)
-    t0 = time.perf_counter()
-    wall = lambda: wall0 + time.perf_counter() - t0  # noqa: E731
-    if start == 0:
-        record_evaluation(sim, out, metrics, 0, {"clients": 0, "train_loss": None}, wall())
-    bar = tqdm(total=sim.rounds, initial=start, desc="baffle", unit="round", disable=not progress,
-               dynamic_ncols=True)
-    accuracy = metrics[-1]["test_accuracy"] if metrics else float("nan")
-    for server_round in range(start, sim.rounds):
-        info = sim.run_round(server_round)
-        done = server_round + 1
-        if done % sim.eval_every == 0 or done == sim.rounds:
-            accuracy = record_evaluation(sim, out, metrics, done, info, wall())["test_accuracy"]
-        bar.set_postfix(loss=f"{info['train_loss']:.4f}", test_acc=f"{accuracy:.4f}", refresh=False)
-        bar.update(1)
-    bar.close()
-    return finish_run(sim, out, metrics, wall())
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--resume: truncated or corrupt checkpoint {out / CHECKPOINT} (its state does not "
+                         f"fit this run: {first})") from None
 
 
-def record_evaluation(sim: Simulation, out: Path, metrics: list, done: int, info: dict, wall_s: float) -> dict:
+class RoundsLog:
+    """``rounds.jsonl``: one line per finished round, flushed as it is written. On resume, lines after
+    the checkpoint's round (rounds that will be redone) and a cut-off last line are dropped."""
+
+    def __init__(self, path: Path, keep_through: int):
+        kept = [r for r in read_jsonl(path) if isinstance(r.get("round"), int) and r["round"] <= keep_through]
+        save_jsonl(kept, path)
+        self.file = path.open("a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record, sort_keys=True) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a .jsonl file up to the first line that is not one (none if it is absent)."""
+    records = []
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return records
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            break
+        if not isinstance(rec, dict):
+            break
+        records.append(rec)
+    return records
+
+
+def start_line(sim: Simulation, start: int, runtime: dict) -> str:
+    """The config summary and the expected rounds, printed before the first round."""
+    c = sim.config
+    method = c.method if c.num_perturbations is None else (
+        f"{c.method} (K={c.num_perturbations}, {c.scheme}, {c.perturbations})")
+    epochs = sim.rounds / sim.rounds_per_epoch
+    length = (f"{sim.rounds} rounds (= {epochs:.4g} epoch{'' if epochs == 1 else 's'} × {sim.rounds_per_epoch} rounds)"
+              + (f", resuming after round {start}" if start else ""))
+    return (f"baffle: {c.dataset}, {c.model_name} ({sim.num_parameters:,} parameters), {c.clients} clients "
+            f"{c.partition}, {method}, {c.optimizer} lr {c.lr:g}, batch {c.batch_size}, seed {c.seed}; {length}; "
+            f"evaluation every {sim.eval_every} rounds, checkpoint every {runtime['checkpoint_every']}, "
+            f"threads {runtime['threads']}")
+
+
+class Display:
+    """A progress bar on a terminal; elsewhere (a file, a pipe) a plain line per ``log_every``."""
+
+    def __init__(self, total: int, start: int, enabled: bool, options: RunOptions):
+        self.total, self.options, self.clock = total, options, options.clock
+        self.stream = options.stream or sys.stderr
+        self.enabled = enabled and start < total
+        self.tty = self.enabled and bool(getattr(self.stream, "isatty", lambda: False)())
+        self.bar = None
+        if self.tty:
+            self.bar = tqdm(total=total, initial=start, desc="baffle", unit="round", file=self.stream,
+                            dynamic_ncols=True)
+        self.logged_round, self.logged_at, self.first = start, self.clock(), True
+
+    def update(self, done: int, info: dict, last_eval: dict, wall_s: float) -> None:
+        if not self.enabled:
+            return
+        acc = f"test acc {last_eval['test_accuracy']:.4f} at round {last_eval['round']}"
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {info['train_loss']:.4f}, {acc}", refresh=False)
+            self.bar.update(1)
+            return
+        due = self.options.log_every.due(done - self.logged_round, self.clock() - self.logged_at)
+        if not (due or self.first or done == self.total):
+            return
+        rate = (self.clock() - self.logged_at) / max(1, done - self.logged_round)
+        left = f", about {_duration(rate * (self.total - done))} left" if done < self.total else ""
+        print(f"baffle: round {done}/{self.total} ({100 * done / self.total:.0f}%), loss {info['train_loss']:.4f}, "
+              f"{acc}, {wall_s:.1f} s{left}", file=self.stream, flush=True)
+        self.logged_round, self.logged_at, self.first = done, self.clock(), False
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def write_checkpoint(sim: Simulation, out: Path, metrics: list, done: int, wall_s: float, *,
+                     runtime: dict | None = None) -> None:
+    """Atomically write everything needed to continue after round ``done`` (with a checksum)."""
+    ckpt = {"config": sim.config.to_dict(), "round": done, "state": sim.state_dict(), "metrics": metrics,
+            "wall_s": wall_s}
+    if runtime is not None:
+        ckpt["runtime"] = runtime
+    save_checked(ckpt, out / CHECKPOINT)
+
+
+def record_evaluation(sim: Simulation, out: Path, metrics: list, done: int, info: dict, wall_s: float, *,
+                      runtime: dict | None = None) -> dict:
     """Evaluate, checkpoint atomically, then append the metrics line (resume rewrites it if cut off)."""
     rec = {"round": done, "epoch": done / sim.rounds_per_epoch, **sim.evaluate(), **info, **vars(sim.counters),
            "wall_s": wall_s,
            "lr": sim.server.optimizer.param_groups[0]["lr"]}
     metrics.append(rec)
-    save_torch({"config": sim.config.to_dict(), "round": done, "state": sim.state_dict(),
-                "metrics": metrics, "wall_s": wall_s}, out / CHECKPOINT)
+    write_checkpoint(sim, out, metrics, done, wall_s, runtime=runtime)
     with (out / METRICS).open("a") as f:
         f.write(json.dumps(rec, sort_keys=True) + "\n")
     return rec
@@ -112,7 +414,7 @@ def best_validation(metrics: list[dict]) -> dict:
             "test_accuracy_at_best_val": best["test_accuracy"]}
 
 
-def finish_run(sim: Simulation, out: Path, metrics: list, wall_s: float) -> dict:
+def finish_run(sim: Simulation, out: Path, metrics: list, wall_s: float, *, runtime: dict | None = None) -> dict:
     last = metrics[-1]
     save_torch(sim.server.eval_model().state_dict(), out / MODEL)
     summary = {
@@ -129,5 +431,7 @@ def finish_run(sim: Simulation, out: Path, metrics: list, wall_s: float) -> dict
         "num_parameters": sim.num_parameters,
         "config": sim.config.to_dict(),
     }
+    if runtime is not None:
+        summary["runtime"] = runtime
     save_json(summary, out / SUMMARY)
     return summary

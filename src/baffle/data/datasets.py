@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import io
 import os
 import pickle
@@ -229,6 +230,42 @@ def read_idx(path: str | os.PathLike, ndim: int) -> np.ndarray:
     return data.reshape(shape).copy()  # writable, detached from the file buffer
 
 
+# MD5 of the official decompressed idx files (the shared copies match them; ../shared/datasets/README.md).
+IDX_MD5: dict[str, dict[str, str]] = {
+    "mnist": {"train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+              "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+              "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+              "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637"},
+    "fashion-mnist": {"train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+                      "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+                      "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+                      "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965"},
+}
+_IDX_TITLES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
+
+
+def idx_md5(array: np.ndarray) -> str:
+    """MD5 of the idx file that holds ``array`` (unsigned bytes): header + data, as the file's bytes."""
+    header = b"\x00\x00\x08" + bytes([array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    digest = hashlib.md5(header, usedforsecurity=False)
+    digest.update(np.ascontiguousarray(array, np.uint8))
+    return digest.hexdigest()
+
+
+def check_idx_identity(name: str, paths: Iterable[Path], arrays: Iterable[np.ndarray]) -> None:
+    """Refuse files that are another known dataset's official files (e.g. Fashion-MNIST read as MNIST).
+
+    Files matching no known checksum (other copies, subsets, test fixtures) are accepted as they are.
+    """
+    owner = {md5: other for other, files in IDX_MD5.items() for md5 in files.values()}
+    for path, array in zip(paths, arrays):
+        other = owner.get(idx_md5(array))
+        if other is not None and other != name:
+            raise ValueError(f"{name}: {path} is the official {_IDX_TITLES[other]} file, not {_IDX_TITLES[name]} "
+                             f"(MD5 of its contents); point --data-dir at the {_IDX_TITLES[name]} files or use "
+                             f"--dataset {other}")
+
+
 def _idx_builder(name: str, title: str) -> DatasetBuilder:
     def build(data_dir: Path | None, image_size: int | None) -> ArrayDataset:
         root = _require_dir(name, data_dir)
@@ -236,7 +273,8 @@ def _idx_builder(name: str, title: str) -> DatasetBuilder:
         if paths is None:
             raise ValueError(f"{name}: {missing}; expected the four {title} idx files (raw or .gz) "
                              f"in DATA_DIR or DATA_DIR/{name}")
-        xtr, ytr, xte, yte = (read_idx(p, nd) for p, nd in zip(paths, (3, 1, 3, 1)))
+        xtr, ytr, xte, yte = arrays = [read_idx(p, nd) for p, nd in zip(paths, (3, 1, 3, 1))]
+        check_idx_identity(name, paths, arrays)
         for split, x, y in (("train", xtr, ytr), ("t10k", xte, yte)):
             if len(x) != len(y):
                 raise ValueError(f"{name}: {split} has {len(x)} images but {len(y)} labels")
