@@ -139,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     from baffle.flower.cli import add_deploy_parser  # imports neither flwr nor torch
 
     add_deploy_parser(sub)
+    from baffle.analyze.cli import add_analyze_parser  # imports neither torch nor matplotlib
+
+    add_analyze_parser(sub)
     report = sub.add_parser("report", help="tables and plots from run folders",
                             description="One Markdown row per run folder (in progress or finished).")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="--out folder of a baffle train/deploy run")
@@ -227,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_deploy(args)
     try:
+        if args.command == "analyze":
+            from baffle.analyze.cli import run_analyze
+
+            return run_analyze(args)
         if args.command == "report":
             from baffle.report import run_report
 
