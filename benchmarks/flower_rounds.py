@@ -1,9 +1,9 @@
 """Per-round wall time: in-process `baffle train` vs Flower simulation vs Flower deployment.
 
     python benchmarks/flower_rounds.py --data-dir ../shared/datasets --model lenet --rounds 4 \\
-        --cases inproc:4 deploy:4 inproc:2 deploy:2 inproc:10 sim:10
+        --cases inproc:4 deploy:4 deploy-fast:4 inproc:2 deploy:2 deploy-fast:2 inproc:10 sim:10
     python benchmarks/flower_rounds.py --data-dir ../shared/datasets --model toy --rounds 8 \\
-        --cases inproc:4 deploy:4 deploy-stock:4 inproc:2 deploy:2 deploy-stock:2
+        --cases inproc:4 deploy:4 deploy-fast:4 inproc:2 deploy:2 deploy-fast:2
 
 Models (``--model``): ``lenet`` LeNet on MNIST, K=100, batch 64 (issue 4's setting); ``toy`` a 16-unit
 MLP on digits, K=20, batch 32 (compute ≈ 0, so the round time is the framework's overhead);
@@ -13,11 +13,14 @@ evaluation only after the last round.
 Cases ``kind:N`` (N clients = virtual clients = SuperNodes):
   inproc         ``Simulation.run_round`` in this process (what ``baffle train`` runs)
   sim            Flower simulation engine (Ray, 2 actors of 1 CPU)
-  deploy         Flower deployment engine as ``baffle deploy`` runs it now: SuperNodes with
-                 ``--isolation process`` + one long-running ClientApp runtime each, polls capped at 0.1 s
-  deploy-stock   Flower's own SuperNode settings: a fresh ``flwr-clientapp`` per message, 3 s idle poll
-  deploy-sub     fresh ``flwr-clientapp`` per message, but polls capped at 0.1 s
-  deploy-warm3s  long-running ClientApp runtimes, but Flower's own poll intervals
+  deploy         Flower deployment engine as ``baffle deploy`` runs it by default (the stock path, public
+                 API only): Flower's own SuperNodes (a fresh ``flwr-clientapp`` per message, 3 s idle
+                 poll); the ServerApp pulls replies every 0.05 s (``deploy-stock`` is the same case)
+  deploy-fast    ``baffle deploy --fast-nodes`` (the accelerator): SuperNodes with ``--isolation
+                 process`` + one long-running ClientApp runtime each, polls capped at 0.1 s, faster
+                 object-pull retries in the SuperNode, the runtime and the ServerApp
+  deploy-sub     ``--fast-nodes --isolation subprocess``: a fresh ``flwr-clientapp`` per message, polls capped at 0.1 s
+  deploy-warm3s  ``--fast-nodes --node-poll-interval 0``: long-running ClientApp runtimes, Flower's own poll intervals
 
 Per case: start-up (in-process: building the ``Simulation``; Flower: from launching the processes
 to the server's first push), round 1, and the median of rounds 2.. (Flower: ``round_s`` of
@@ -49,8 +52,9 @@ MODELS = {
     "small": {"dataset": "mnist", "model": "mlp", "hidden": [16], "num_perturbations": 20, "batch_size": 64,
               "seed": 0},
 }
-DEPLOY = {"deploy": ("process", 0.1), "deploy-stock": ("subprocess", 0.0), "deploy-sub": ("subprocess", 0.1),
-          "deploy-warm3s": ("process", 0.0)}
+DEPLOY = {"deploy": (False, "process", 0.1), "deploy-stock": (False, "process", 0.1),  # (fast_nodes, isolation, poll)
+          "deploy-fast": (True, "process", 0.1), "deploy-sub": (True, "subprocess", 0.1),
+          "deploy-warm3s": (True, "process", 0.0)}
 
 
 def cpu_pressure_total() -> float | None:
@@ -100,7 +104,7 @@ def flower_wait(events: list[dict]) -> list[float]:
     return out
 
 
-def flower(config: dict, out: Path, engine: str, nodes: int, isolation: str, poll: float,
+def flower(config: dict, out: Path, engine: str, nodes: int, fast_nodes: bool, isolation: str, poll: float,
            client_threads: int = 0) -> dict:
     from baffle.flower.cli import deploy
     from baffle.flower.runconfig import app_config
@@ -109,7 +113,8 @@ def flower(config: dict, out: Path, engine: str, nodes: int, isolation: str, pol
     table = app_config(config, {"out": str(out)}, {"round_timeout": 900, "client_threads": client_threads})
     t0 = time.time()
     deploy(table, nodes, engine=engine, workdir=out.parent / f"{out.name}-work", timeout=3600,
-           env={"BAFFLE_FLOWER_TRACE": str(trace)}, isolation=isolation, node_poll_interval=poll)
+           env={"BAFFLE_FLOWER_TRACE": str(trace)}, fast_nodes=fast_nodes, isolation=isolation,
+           node_poll_interval=poll)
     total = time.time() - t0
     lines = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     events = [json.loads(x) for x in trace.read_text().splitlines()] if trace.exists() else []
@@ -127,7 +132,8 @@ def main() -> int:
     p.add_argument("--data-dir", required=True)
     p.add_argument("--model", choices=sorted(MODELS), default="lenet")
     p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--cases", nargs="+", default=["inproc:4", "deploy:4", "inproc:2", "deploy:2"])
+    p.add_argument("--cases", nargs="+", default=["inproc:4", "deploy:4", "deploy-fast:4", "inproc:2", "deploy:2",
+                                                  "deploy-fast:2"])
     p.add_argument("--json", metavar="FILE", help="also append one JSON line per case to FILE")
     p.add_argument("--client-threads", default="0", metavar="T",
                    help="torch threads per Flower ClientApp: 0 torch's default, 'auto' cores // N")
@@ -151,7 +157,7 @@ def main() -> int:
         if kind == "inproc":
             res = in_process(config, out)
         elif kind == "sim":
-            res = flower(config, out, "simulation", n, "process", 0.1, threads)
+            res = flower(config, out, "simulation", n, False, "process", 0.1, threads)
         elif kind in DEPLOY:
             res = flower(config, out, "deployment", n, *DEPLOY[kind], threads)
         else:

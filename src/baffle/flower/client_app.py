@@ -8,9 +8,13 @@ Node config (``flower-supernode --node-config``; the simulation engine sets the 
 
 The node rebuilds the run's partition from its local copy of the dataset with the run seed, so it
 holds exactly the examples client ``partition-id`` has in ``baffle train``. The batch cursor is not
-carried between rounds: the batch of round t is derived from (seed, partition id, t) by seeking the
-in-process cursor (``ClientShards.seek``) to the number of earlier rounds that sampled this
-partition; this survives Flower's fresh ClientApp process per message and restarted nodes.
+carried between rounds: the server sends the number of batches this partition has taken
+(``batches-taken``, the number of earlier rounds that sampled it) and the node seeks the in-process
+cursor there (``ClientShards.seek``, O(1)); this survives Flower's fresh ClientApp process per
+message, restarted nodes and a resumed server. The node owns its data: it answers the server's
+``query`` with the facts the server needs instead of data (``wire.describe_content``), and the
+server's ``evaluate`` messages with the test (and validation) metrics of the weights sent, computed
+on its own copy of the test set (``baffle.simulation.evaluate``, as ``baffle train`` computes them).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from torch.nn.functional import cross_entropy
 
@@ -37,8 +41,10 @@ from baffle.config import TrainConfig
 from baffle.data import load_dataset, partition_indices
 from baffle.flower.runconfig import parse_run_config
 from baffle.io import save_torch
-from baffle.flower.wire import ARRAYS, CONFIG, PARTITION, REPLY, plan_from_config, reply_content
-from baffle.simulation import ClientShards, build_run_model, rounds_sampled_before
+from baffle.flower.serverstate import DataFacts
+from baffle.flower.wire import (ARRAYS, CONFIG, RAW, batches_taken_from_config, describe_content, evaluation_content,
+                                plan_from_config, reply_content)
+from baffle.simulation import ClientShards, build_run_model, evaluate
 
 app = ClientApp()
 if trace.enabled():
@@ -72,16 +78,16 @@ class NodeSettings:
 class Worker:
     """A node's partition, batch cursor and model instance (cached per process and run config).
 
-    ``baffle deploy`` runs one long-running ClientApp runtime per SuperNode, so this in-process cache
-    serves every round after the first. With Flower's stock ``--isolation subprocess`` (a fresh
-    ClientApp process per message) the node's own partition (inputs, targets, and the model's shape
-    facts) is also cached on disk under ``cache_dir``: later rounds load a few MB instead of
-    decoding and partitioning the whole dataset again.
+    With the accelerator (``baffle deploy --fast-nodes``: one long-running ClientApp runtime per
+    SuperNode) this in-process cache serves every round after the first. With Flower's stock
+    ``--isolation subprocess`` (a fresh ClientApp process per message) the node's own partition
+    (inputs, targets, and the data facts) is also cached on disk under ``cache_dir``: later rounds
+    load a few MB instead of decoding and partitioning the whole dataset again.
     """
 
     def __init__(self, config: TrainConfig, data_dir: str | None, partition_id: int, cache_dir: str | None):
         self.config, self.partition_id = config, partition_id
-        key = hashlib.sha256(json.dumps([config.dataset, str(data_dir), config.image_size, config.clients,
+        key = hashlib.sha256(json.dumps(["v2", config.dataset, str(data_dir), config.image_size, config.clients,
                                          config.partition, config.seed, config.val_per_class, config.normalize,
                                          partition_id])
                              .encode()).hexdigest()[:24]
@@ -94,14 +100,17 @@ class Worker:
         lists = [np.zeros(0, dtype=np.int64)] * config.clients
         lists[partition_id] = np.arange(len(part["targets"]), dtype=np.int64)  # same order as the global indices
         self.shards = ClientShards(part["inputs"], part["targets"], lists, config.seed, config.augment)
-        self.model = build_model_like(config, part["shape"])
+        self.facts = DataFacts(**part["facts"])
+        self.model = build_model_like(config, self.facts.shape())
 
-    def batch(self, partition_id: int, server_round: int) -> R.Batch:
-        """The batch ``baffle train`` gives client ``partition_id`` in round ``server_round``."""
-        c = self.config
-        taken = rounds_sampled_before(c.clients, c.fraction, c.seed, partition_id, server_round)
-        self.shards.seek(partition_id, taken, c.batch_size)
-        return self.shards.next_batch(partition_id, c.batch_size)
+    @property
+    def num_examples(self) -> int:
+        return self.shards.size(self.partition_id)
+
+    def batch(self, batches_taken: int) -> R.Batch:
+        """The batch ``baffle train`` gives this partition after it has taken ``batches_taken``."""
+        self.shards.seek(self.partition_id, batches_taken, self.config.batch_size)
+        return self.shards.next_batch(self.partition_id, self.config.batch_size)
 
 
 _DATASET: dict[tuple, tuple] = {}  # the last (dataset, partition) this process built
@@ -124,15 +133,17 @@ def _dataset_and_partition(config: TrainConfig, data_dir: str | None) -> tuple:
 def _own_partition(config: TrainConfig, data_dir: str | None, partition_id: int) -> dict:
     data, part = _dataset_and_partition(config, data_dir)
     idx = torch.from_numpy(np.asarray(part.clients[partition_id], dtype=np.int64))
-    shape = {"image_size": data.image_size, "in_channels": data.in_channels, "num_classes": data.num_classes}
-    return {"inputs": data.train_inputs[idx].clone(), "targets": data.train_targets[idx].clone(), "shape": shape}
+    facts = {"image_size": data.image_size, "in_channels": data.in_channels, "num_classes": data.num_classes,
+             "train_examples": int(sum(len(c) for c in part.clients))}
+    return {"inputs": data.train_inputs[idx].clone(), "targets": data.train_targets[idx].clone(), "facts": facts}
 
 
 def _load(path: Path) -> dict | None:
     try:
-        return torch.load(path, weights_only=True)
+        part = torch.load(path, weights_only=True)
     except Exception:  # absent or from an interrupted writer: rebuild it
         return None
+    return part if isinstance(part, dict) and {"inputs", "targets", "facts"} <= set(part) else None
 
 
 def build_model_like(config: TrainConfig, shape: dict) -> torch.nn.Module:
@@ -153,21 +164,43 @@ def worker_for(config: TrainConfig, node: NodeSettings) -> Worker:
     return _CACHE[key]
 
 
-def client_update(msg: Message, context: Context) -> RecordDict:
-    """The reply content for a train message (kept apart from the handler so tests can wrap it)."""
-    trace.event("task-start", node=int(context.node_id))
+def _node(context: Context) -> tuple[TrainConfig, NodeSettings]:
     config, options = parse_run_config(context.run_config)
     if options.client_threads:
         torch.set_num_threads(options.client_threads)
-    node = NodeSettings.from_node_config(context.node_config, config)
+    return config, NodeSettings.from_node_config(context.node_config, config)
+
+
+def client_update(msg: Message, context: Context) -> RecordDict:
+    """The reply content for a train message (kept apart from the handler so tests can wrap it)."""
+    trace.event("task-start", node=int(context.node_id))
+    config, node = _node(context)
     worker = worker_for(config, node)
     trace.event("data-ready", node=int(context.node_id))
     plan = plan_from_config(msg.content[CONFIG])
+    batch = worker.batch(batches_taken_from_config(msg.content[CONFIG]))
     worker.model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
-    batch = worker.batch(node.partition_id, plan.server_round)
     reply = R.baffle_client_update(worker.model, [batch], plan, cross_entropy, node.partition_id)
     trace.event("compute-done", node=int(context.node_id), round=plan.server_round)
     return reply_content(reply, node.partition_id)
+
+
+def node_evaluation(msg: Message, context: Context) -> dict:
+    """``Simulation.evaluate``'s metrics of the weights in ``msg``, on this node's copy of the data."""
+    config, node = _node(context)
+    worker = worker_for(config, node)
+    data, part = _dataset_and_partition(config, node.data_dir)
+    model, size = worker.model, config.eval_batch_size
+    model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
+    out = dict(zip(("test_loss", "test_accuracy"), evaluate(model, data.test_inputs, data.test_targets, size)))
+    validation = torch.from_numpy(np.asarray(part.validation, dtype=np.int64))
+    if len(validation):
+        x, y = data.train_inputs[validation], data.train_targets[validation]
+        out["val_loss"], out["val_accuracy"] = evaluate(model, x, y, size)
+    if RAW in msg.content:  # EMA on: the metrics above are the EMA weights'; these the raw weights'
+        model.load_state_dict(msg.content[RAW].to_torch_state_dict())
+        out["raw_test_loss"], out["raw_test_accuracy"] = evaluate(model, data.test_inputs, data.test_targets, size)
+    return out
 
 
 @app.train()
@@ -175,12 +208,18 @@ def train(msg: Message, context: Context) -> Message:
     return Message(client_update(msg, context), reply_to=msg)
 
 
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    """Test/validation metrics of the server's weights (the server holds no data)."""
+    return Message(evaluation_content(node_evaluation(msg, context)), reply_to=msg)
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Report the node's partition id (the server asks when it samples a fraction of partitions)."""
-    config, _ = parse_run_config(context.run_config)
-    node = NodeSettings.from_node_config(context.node_config, config)
-    return Message(RecordDict({REPLY: MetricRecord({PARTITION: node.partition_id})}), reply_to=msg)
+    """Describe the node's data: partition id and size, and the facts the server needs (no data)."""
+    config, node = _node(context)
+    worker = worker_for(config, node)
+    return Message(describe_content(node.partition_id, worker.num_examples, worker.facts), reply_to=msg)
 
 
-__all__ = ["NodeSettings", "Worker", "app", "client_update", "worker_for"]
+__all__ = ["NodeSettings", "Worker", "app", "client_update", "node_evaluation", "worker_for"]

@@ -2,21 +2,28 @@
 
 Every process is started in its own session and recorded; ``Federation.stop`` ends each one by its
 PID (SIGTERM to its process group, so its SuperExec/ClientApp children go too; SIGKILL after a grace
-period), in reverse start order, also when the run fails or is interrupted. Each process gets its
-own ``FLWR_HOME`` inside the run's work folder, telemetry off and no update check.
+period), in reverse start order, also when the run fails or is interrupted; then every process
+that carries the federation's environment marker (Flower's own children in sessions of their own,
+such as the SuperLink's SuperExec and its ServerApp). If the launcher itself dies (even by SIGKILL),
+``baffle.flower.watchdog``, started before the first Flower process, does the same. Each process gets its own ``FLWR_HOME`` inside the run's work folder, telemetry off and no
+update check.
 
 Nothing here imports flwr: the processes are Flower's own command-line programs from the same
-environment (``flower-superlink``, ``flwr``) and, for SuperNodes, ``baffle.flower.node`` (Flower's
-SuperNode with short polls, plus one long-running ClientApp runtime per node; see there).
+environment (``flower-superlink``, ``flower-supernode``, ``flwr``) or, with ``fast_nodes``,
+``baffle.flower.node`` (the opt-in accelerator; see there).
 
-SuperNode settings (``Federation`` fields, ``baffle deploy --isolation / --node-poll-interval``):
+SuperNodes: by default Flower's stock ``flower-supernode --isolation subprocess`` (a fresh
+``flwr-clientapp`` per message; Flower's own poll intervals). ``fast_nodes=True``
+(``baffle deploy --fast-nodes``) uses the accelerator, with these settings:
   isolation           "process" (default): ``flower-supernode --isolation process`` plus one
                       long-running baffle ClientApp runtime per SuperNode (its child, in its
-                      process group); "subprocess": Flower's default, a fresh ``flwr-clientapp`` per message
+                      process group); "subprocess": a fresh ``flwr-clientapp`` per message
   node_poll_interval  seconds (default 0.1): cap on the SuperNode's idle/reply sleeps (Flower: 3 s
                       and 0.5 s), the ClientApp runtime's task poll, and with "subprocess" the
                       SuperExec's (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, Flower: 1 s); 0 keeps
-                      Flower's own intervals (and runs the plain ``flower-supernode``)
+                      Flower's own intervals
+The caller checks the accelerator's flwr internals first (``baffle.flower.fastpath``);
+``baffle.flower.node`` checks them again and runs the stock SuperNode if one is missing.
 """
 from __future__ import annotations
 
@@ -30,11 +37,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from baffle.flower.runconfig import DEFAULT_NODE_POLL_INTERVAL, ISOLATIONS
 from baffle.flower.tls import Credentials, make_credentials
+from baffle.flower.watchdog import MARKER_ENV, end_marked
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 CONNECTION = "baffle"
@@ -66,11 +75,14 @@ class Federation:
     simulation: bool = False
     env: dict = field(default_factory=dict)  # extra environment for every process
     stop_grace: float = 10.0
-    isolation: str = "process"
-    node_poll_interval: float = DEFAULT_NODE_POLL_INTERVAL
+    fast_nodes: bool = False
+    isolation: str = "process"  # fast_nodes only
+    node_poll_interval: float = DEFAULT_NODE_POLL_INTERVAL  # fast_nodes only
     port: int = 0
     credentials: Credentials | None = None
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    watchdog: subprocess.Popen | None = None
+    marker: str = field(default_factory=lambda: uuid.uuid4().hex)  # in every started process's environment
 
     def __post_init__(self):
         if self.isolation not in ISOLATIONS:
@@ -89,14 +101,33 @@ class Federation:
     # ---- processes --------------------------------------------------------------------------------
 
     def process_env(self, home: str) -> dict:
-        env = {**os.environ, **FLOWER_ENV, **self.env, "FLWR_HOME": str(self.workdir / home)}
+        env = {**os.environ, **FLOWER_ENV, **self.env, "FLWR_HOME": str(self.workdir / home), MARKER_ENV: self.marker}
         env.setdefault("PYTHONUNBUFFERED", "1")
         # Flower starts `flower-superexec` / `flwr-clientapp` by name: find this environment's first
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         return env
 
+    @property
+    def groups_file(self) -> Path:
+        """One line per started process: its PID (= its process group) and name (read by the watchdog)."""
+        return self.workdir / "processes"
+
+    def _start_watchdog(self) -> None:
+        self.groups_file.write_text("")
+        log = (self.workdir / "watchdog.log").open("ab")
+        try:
+            self.watchdog = subprocess.Popen(
+                [sys.executable, "-m", "baffle.flower.watchdog", "--launcher", str(os.getpid()),
+                 "--groups", str(self.groups_file), "--marker", self.marker,
+                 "--grace", str(min(self.stop_grace, 5.0))],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            log.close()
+
     def start(self, name: str, argv: list[str], home: str | None = None,
               extra_env: dict | None = None) -> subprocess.Popen:
+        if self.watchdog is None:
+            self._start_watchdog()
         log = (self.workdir / f"{name}.log").open("ab")
         try:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -104,6 +135,8 @@ class Federation:
                                     cwd=self.workdir, start_new_session=True)
         finally:
             log.close()
+        with self.groups_file.open("a") as f:
+            f.write(f"{proc.pid} {name}\n")
         self.procs.append((name, proc))
         return proc
 
@@ -120,7 +153,17 @@ class Federation:
             _signal_group(proc, signal.SIGKILL)  # leftovers of the group (SuperExec, ClientApp)
             if proc.poll() is None:
                 proc.wait(timeout=10)
+        if self.procs:  # Flower's children outside the groups (e.g. the SuperExec and its ServerApp)
+            end_marked(self.marker, min(self.stop_grace, 5.0))
         self.procs.clear()
+        if self.watchdog is not None:
+            self.watchdog.terminate()
+            try:
+                self.watchdog.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.watchdog.kill()
+                self.watchdog.wait(timeout=10)
+            self.watchdog = None
 
     def log_text(self, name: str) -> str:
         path = self.workdir / f"{name}.log"
@@ -132,7 +175,7 @@ class Federation:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start_superlink(self, num_nodes_for_credentials: int = 0, timeout: float = 60.0) -> None:
+    def start_superlink(self, num_nodes_for_credentials: int = 0, timeout: float = 180.0) -> None:
         self.port = self.port or free_port()
         argv = [flower_program("flower-superlink"), "--disable-runtime-dependency-installation",
                 "--host", "127.0.0.1", "--port", str(self.port)]
@@ -188,21 +231,23 @@ class Federation:
             raise RuntimeError(f"flwr supernode register {pub} failed:\n{res.stdout}\n{res.stderr}")
 
     def start_supernode(self, name: str, node_config: dict, identity: int | None = None) -> subprocess.Popen:
-        """Start a SuperNode (with isolation "process" it starts its ClientApp runtime as a child, in
-        its process group and log); ``identity``: index of its key pair (TLS mode)."""
+        """Start a SuperNode (stock ``flower-supernode``, or with ``fast_nodes`` the accelerator, which
+        with isolation "process" starts its ClientApp runtime as a child, in its process group and
+        log); ``identity``: index of its key pair (TLS mode)."""
         config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in node_config.items())
         runtime_port = free_port()
+        isolation = self.isolation if self.fast_nodes else "subprocess"
         flower_args = ["--superlink", self.address, "--port", str(runtime_port), "--node-config", config,
-                       "--isolation", self.isolation]
+                       "--isolation", isolation]
         if self.tls:
             flower_args += ["--root-certificates", str(self.credentials.ca_cert),
                             "--auth-supernode-private-key", str(self.credentials.node_keys[identity])]
         else:
             flower_args += ["--insecure"]
         poll, env = self.node_poll_interval, {}
-        if poll > 0 or self.isolation == "process":
+        if self.fast_nodes and (poll > 0 or isolation == "process"):
             argv = [sys.executable, "-m", "baffle.flower.node", "supernode", "--poll-interval", str(poll)]
-            if self.isolation == "process":  # the wrapper starts the runtime as its child (same group)
+            if isolation == "process":  # the wrapper starts the runtime as its child (same group)
                 argv += ["--clientapp-runtime", f"127.0.0.1:{runtime_port}"]
             argv += ["--", *flower_args]
             if poll > 0:

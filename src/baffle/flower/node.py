@@ -24,8 +24,11 @@ torch and Flower again (≈2 s of CPU each; several at once on a small machine).
     SuperNode per federation (``baffle deploy`` does). Exits when the process P (its SuperNode)
     is gone.
 
-Both rely on Flower internals of the pinned 1.42 series (``flwr.supernode.start_client_internal``'s
-``time`` module reference; the Runtime API client), checked at start-up with a clear error.
+This is the opt-in accelerator of ``baffle deploy --fast-nodes``. Both entry points rely on flwr
+internals (written against flwr 1.42; every name is listed in ``baffle.flower.fastpath.NEEDS``).
+Both check them all at start-up; when one is missing or changed, ``supernode`` prints one warning
+line and runs Flower's stock ``flower-supernode`` instead (``--isolation subprocess``, Flower's own
+intervals, no runtime), and ``clientapp`` exits with that line.
 """
 from __future__ import annotations
 
@@ -65,7 +68,8 @@ def fast_object_pulls(module, cap: float) -> None:
     from flwr.supercore.inflatable import inflatable_utils
 
     if getattr(module, "pull_objects", None) is not inflatable_utils.pull_objects:
-        raise RuntimeError(f"{module.__name__}.pull_objects is not the function baffle patches (flwr 1.42.*)")
+        raise RuntimeError(f"{module.__name__}.pull_objects is not the function baffle patches; "
+                           "run without --fast-nodes")
     module.pull_objects = functools.partial(inflatable_utils.pull_objects, initial_backoff=0.02,
                                             backoff_cap=max(cap, 0.02))
 
@@ -76,10 +80,22 @@ def patch_supernode_sleeps(cap: float) -> None:
     from flwr.supernode import start_client_internal as loop
 
     if getattr(loop, "time", None) is not time:
-        raise RuntimeError("this Flower version's SuperNode loop is not the one baffle patches "
-                           "(flwr 1.42.*); run without --node-poll-interval")
+        raise RuntimeError("this Flower version's SuperNode loop is not the one baffle patches; "
+                           "run without --fast-nodes")
     fast_object_pulls(loop, cap)
     loop.time = _CappedClock(cap)
+
+
+def stock_supernode_argv(flower_args: list[str]) -> list[str]:
+    """Flower's own ``flower-supernode`` with these arguments, ``--isolation`` set to ``subprocess``."""
+    from baffle.flower.launch import flower_program
+
+    args = list(flower_args)
+    if "--isolation" in args:
+        args[args.index("--isolation") + 1] = "subprocess"
+    else:
+        args += ["--isolation", "subprocess"]
+    return [flower_program("flower-supernode"), *args]
 
 
 def run_supernode(argv: list[str]) -> None:
@@ -89,6 +105,14 @@ def run_supernode(argv: list[str]) -> None:
     p.add_argument("flower_args", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     rest = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
+    from baffle.flower.fastpath import fast_path_problem
+
+    problem = fast_path_problem()
+    if problem:  # one line, then Flower's stock SuperNode in this process's place (same PID)
+        print(f"baffle: warning: {problem}", file=sys.stderr, flush=True)
+        stock = stock_supernode_argv(rest)
+        os.execv(stock[0], stock)
+        return  # not reached (execv replaces this process); tests replace execv
     if args.poll_interval > 0:
         patch_supernode_sleeps(args.poll_interval)
     if args.clientapp_runtime:
@@ -279,6 +303,11 @@ def run_clientapp_runtime(argv: list[str]) -> None:
     args = p.parse_args(argv)
     if args.parent_pid:
         _watch_parent(args.parent_pid)
+    from baffle.flower.fastpath import fast_path_problem
+
+    problem = fast_path_problem()
+    if problem:
+        sys.exit(f"baffle: {problem}")
     from flwr.supercore import log
 
     runtime = ClientAppRuntime(args.runtime_api_address, max(args.poll_interval, 0.01))

@@ -36,12 +36,24 @@ class FlowerOptions:
     min_replies: int = 1  # valid replies a round needs for a server step (else the model is kept)
     round_timeout: float = 120.0  # seconds a round waits for replies before using what it has
     poll_interval: float = 0.05  # seconds between reply pulls (Flower's deployment grid sleeps 3 s)
-    node_wait_timeout: float = 600.0  # seconds to wait for min_nodes before giving up
+    node_wait_timeout: float = 600.0  # seconds to wait for min_nodes (and their data descriptions) before giving up
+    eval_timeout: float = 300.0  # seconds a node may take to evaluate the model (test and validation sets)
     client_threads: int = 0  # torch threads in the ClientApp; 0: leave torch's default
+    checkpoint_every: float = 300.0  # seconds between checkpoints besides those at every evaluation (0: none)
+    checkpoint_rounds: int = 0  # and/or every this many rounds (0: not by rounds)
+    resume: bool = False  # continue the run in `out` from its checkpoint (baffle deploy --resume)
+    fast_pulls: bool = False  # the accelerator's ServerApp part (baffle deploy --fast-nodes)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.type in ("bool", bool):
+                if isinstance(value, str) and value.lower() in ("true", "false"):
+                    value = value.lower() == "true"
+                if not isinstance(value, bool):
+                    raise ValueError(f"flower.{_dash(f.name)}: expected true or false, got {value!r}")
+                object.__setattr__(self, f.name, value)
+                continue
             kind = int if f.type in ("int", int) else float
             if isinstance(value, bool) or not isinstance(value, (int, float)) or (
                     kind is int and float(value) != int(value)):

@@ -1,12 +1,17 @@
-"""``BaffleStrategy``: BAFFLE's server on Flower's Message-API strategy interface.
+"""``BaffleStrategy``: BAFFLE's server on Flower's Message-API strategy interface (public API only).
 
-``configure_train`` broadcasts the global model and the round plan (seed, K, σ, scheme); ``aggregate_train``
-validates each reply on its own (a failed, malformed or non-finite reply is logged with its node id and
-dropped), orders the valid K-vectors by partition id, and performs exactly the in-process server step
-``baffle.rounds.baffle_server_update`` (sample-weighted ΔL sum → ĝ → optimizer step → EMA) on the
-``Simulation`` object the ServerApp holds. A round with fewer than ``min_replies`` valid replies keeps
-the model. One JSON line per round goes to ``rounds.jsonl`` (replies used, dropped with reasons,
-missing nodes, the aggregated ΔL).
+``NodeBook`` is the server's client bookkeeping: which node serves which partition (learned by a
+``query`` message to every node it has not seen yet: nodes describe their data instead of sending
+it), the nodes' ``DataFacts``, and nothing else. ``configure_train`` draws the round's partitions
+exactly as ``baffle train`` does (``sample_clients`` with the run seed, ``fraction`` < 1 included)
+and sends each sampled partition's node the global model, the round plan (seed, K, σ, scheme) and
+that partition's batch cursor (``batches-taken``, O(1) from ``ServerRun.cursors``).
+``aggregate_train`` validates each reply on its own (a failed, malformed, non-finite or unexpected
+reply is logged with its node id and dropped), orders the valid K-vectors by partition id, and
+performs exactly the in-process server step ``baffle.rounds.baffle_server_update`` (sample-weighted
+ΔL sum → ĝ → optimizer step → EMA) on the ``ServerRun``. A round with fewer than ``min_replies`` valid
+replies keeps the model. One JSON line per round goes to ``rounds.jsonl`` (replies used, dropped with
+reasons, missing nodes and partitions, the aggregated ΔL).
 """
 from __future__ import annotations
 
@@ -25,33 +30,94 @@ from flwr.serverapp.strategy import FedAvg
 from baffle import rounds as R
 from baffle.estimator import forward_passes
 from baffle.flower.runconfig import FlowerOptions
-from baffle.flower.wire import ARRAYS, CONFIG, PARTITION, REPLY, plan_to_config, reply_from_content
+from baffle.flower.serverstate import DataFacts, ServerRun, check_flower_config
+from baffle.flower.wire import ARRAYS, CONFIG, describe_from_content, plan_to_config, reply_from_content
 from baffle.server import check_reply
-from baffle.simulation import Simulation, rounds_sampled_before, sample_clients
+
+RETRY_AFTER = 5  # rounds before a node that failed to describe itself is asked again
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 600 else f"{text[:200]} [...] {text[-400:]}"  # keep the cause
+
+
+class NodeBook:
+    """Node id ↔ partition id, and the nodes' data facts (the first node's; others must agree)."""
+
+    def __init__(self, num_partitions: int):
+        self.num_partitions = num_partitions
+        self.partition_of: dict[int, int] = {}
+        self.node_of: dict[int, int] = {}
+        self.facts: DataFacts | None = None
+        self.failures: dict[int, tuple[int, str]] = {}  # node → (refresh count when it failed, reason)
+        self._refreshes = 0
+
+    def refresh(self, grid: Grid, timeout: float) -> None:
+        """Forget nodes that left; describe the registered nodes not seen yet (one query round trip)."""
+        self._refreshes += 1
+        live = set(grid.get_node_ids())
+        for node in [n for n in self.partition_of if n not in live]:
+            del self.node_of[self.partition_of.pop(node)]
+        unknown = sorted(n for n in live if n not in self.partition_of and (
+            n not in self.failures or self._refreshes - self.failures[n][0] >= RETRY_AFTER))
+        if not unknown:
+            return
+        queries = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
+        answered = set()
+        for msg in sorted(grid.send_and_receive(queries, timeout=timeout), key=lambda m: m.metadata.src_node_id):
+            node = msg.metadata.src_node_id
+            answered.add(node)
+            try:
+                self._add(node, msg)
+            except ValueError as e:
+                self._fail(node, str(e))
+        for node in unknown:
+            if node not in answered:
+                self._fail(node, f"node {node}: no answer to the describe query within {timeout:.0f} s")
+
+    def _add(self, node: int, msg: Message) -> None:
+        if msg.has_error():
+            raise ValueError(f"node {node}: error reply (code {msg.error.code}): {msg.error.reason}")
+        partition, _, facts = describe_from_content(msg.content, node)
+        if partition >= self.num_partitions:
+            raise ValueError(f"node {node}: partition-id {partition} >= clients {self.num_partitions}")
+        if self.facts is not None and facts != self.facts:
+            raise ValueError(f"node {node}: its data ({facts}) differs from the other nodes' ({self.facts})")
+        if partition in self.node_of:
+            raise ValueError(f"node {node}: partition {partition} is already served by node {self.node_of[partition]}")
+        self.facts = self.facts or facts
+        self.partition_of[node], self.node_of[partition] = partition, node
+        self.failures.pop(node, None)
+
+    def _fail(self, node: int, reason: str) -> None:
+        log(WARNING, "baffle: node %d not used: %s", node, _short(reason))
+        self.failures[node] = (self._refreshes, _short(reason))
+
+    def by_partition(self) -> list[int]:
+        """The known nodes, lowest partition id first."""
+        return [self.node_of[p] for p in sorted(self.node_of)]
 
 
 class BaffleStrategy(FedAvg):
-    """FedSGD-style BAFFLE rounds over Flower; the server state lives in ``sim`` (a ``Simulation``)."""
+    """FedSGD-style BAFFLE rounds over Flower; the server state lives in ``run`` (a ``ServerRun``)."""
 
-    def __init__(self, sim: Simulation, options: FlowerOptions, rounds_log: str | Path | None = None):
-        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=options.min_replies,
-                         min_available_nodes=options.nodes_needed(sim.config))
-        if sim.config.method != "baffle":
-            raise ValueError(f"method {sim.config.method!r} is not available on Flower; use method = 'baffle' "
-                             "(or run it in-process with `baffle train`)")
-        if sim.config.memory_format == "channels_last":
-            raise ValueError("memory_format 'channels_last' is not available on Flower (its clients compute in "
-                             "NCHW); use 'nchw'")
-        self.sim, self.options = sim, options
+    def __init__(self, run: ServerRun, options: FlowerOptions, rounds_log: str | Path | None = None,
+                 book: NodeBook | None = None):
+        check_flower_config(run.config)
+        super().__init__(fraction_train=1.0, fraction_evaluate=1.0,  # evaluation: server_app.evaluate_on_nodes
+                         min_train_nodes=options.min_replies,
+                         min_available_nodes=options.nodes_needed(run.config))
+        self.run, self.options = run, options
+        self.book = book or NodeBook(run.config.clients)
         self.rounds_log = None if rounds_log is None else Path(rounds_log)
-        self.partition_of: dict[int, int] = {}  # node id → partition id, learned from replies
         self.plan: R.RoundPlan | None = None
-        self.sent: list[int] = []
+        self.sent: dict[int, int] = {}  # node → partition asked this round
+        self.unserved: list[int] = []  # sampled partitions without a node
         self.last_info: dict = {}
         self._t0 = 0.0
 
     def summary(self) -> None:
-        c = self.sim.config
+        c = self.run.config
         log(INFO, "\t├──> BAFFLE: K=%d sigma=%g scheme=%s, %d partitions, fraction %.2f",
             c.num_perturbations, c.sigma, c.scheme, c.clients, c.fraction)
         log(INFO, "\t└──> min replies per round: %d", self.options.min_replies)
@@ -62,29 +128,24 @@ class BaffleStrategy(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         """Flower round r is BAFFLE round t = r − 1: the same seed and clients as ``baffle train``."""
         self._t0 = time.perf_counter()
-        c, t = self.sim.config, server_round - 1
-        self.plan = R.plan_round(c.seed, t, self.sim.estimator, c.perturbations)
-        nodes = sorted(grid.get_node_ids())
-        if c.fraction < 1.0:
-            self._discover(grid, [n for n in nodes if n not in self.partition_of])
-            wanted = set(sample_clients(c.clients, c.fraction, c.seed, t))
-            nodes = [n for n in nodes if self.partition_of.get(n) in wanted]
-        self.sent = nodes
-        content = RecordDict({ARRAYS: arrays, CONFIG: plan_to_config(self.plan)})
-        log(INFO, "configure_train: round %d (seed %d) to %d node(s)", server_round, self.plan.seed, len(nodes))
-        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
-
-    def _discover(self, grid: Grid, nodes: list[int]) -> None:
-        """Ask nodes whose partition is unknown for it (a ``query`` message); needed when fraction < 1."""
-        if not nodes:
-            return
-        queries = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-        for msg in grid.send_and_receive(queries, timeout=self.options.round_timeout):
-            node = msg.metadata.src_node_id
-            if msg.has_error() or REPLY not in msg.content or PARTITION not in msg.content[REPLY]:
-                log(WARNING, "node %d did not report its partition; not used this round", node)
+        c, t = self.run.config, server_round - 1
+        self.plan = R.plan_round(c.seed, t, self.run.estimator, c.perturbations)
+        self.book.refresh(grid, self.options.round_timeout)
+        self.sent, self.unserved, messages = {}, [], []
+        for partition in self.run.cursors.sampled(t):
+            node = self.book.node_of.get(partition)
+            if node is None:
+                self.unserved.append(partition)
                 continue
-            self.partition_of[node] = int(msg.content[REPLY][PARTITION])
+            plan = plan_to_config(self.plan, self.run.cursors.taken(partition))
+            messages.append(Message(content=RecordDict({ARRAYS: arrays, CONFIG: plan}),
+                                    message_type=MessageType.TRAIN, dst_node_id=node))
+            self.sent[node] = partition
+        if self.unserved:
+            log(WARNING, "round %d: no node serves partition(s) %s; continuing without them", server_round,
+                ", ".join(map(str, self.unserved[:20])) + (" ..." if len(self.unserved) > 20 else ""))
+        log(INFO, "configure_train: round %d (seed %d) to %d node(s)", server_round, self.plan.seed, len(messages))
+        return messages
 
     # ---- clients → server -------------------------------------------------------------------------
 
@@ -98,13 +159,14 @@ class BaffleStrategy(FedAvg):
             log(WARNING, "round %d: no reply from node %d within %.0f s; continuing without it",
                 server_round, node, self.options.round_timeout)
         ordered = [valid[p] for p in sorted(valid)]
+        self._used = sorted(valid)
         diffs = None
         if len(ordered) >= self.options.min_replies:
             # per-client directions are derived from the partition id, as in-process
             by_partition = [dataclasses.replace(valid[p], client_id=p) for p in sorted(valid)]
-            diffs = R.baffle_server_update(self.sim.server, by_partition, self.plan,
-                                           weighting=self.sim.config.client_weights,
-                                           update_ema=self.sim.ema_due(server_round - 1))
+            diffs = R.baffle_server_update(self.run.server, by_partition, self.plan,
+                                           weighting=self.run.config.client_weights,
+                                           update_ema=self.run.ema_due(server_round - 1))
         else:
             log(WARNING, "round %d: %d valid repl%s < min-replies %d; model kept unchanged", server_round,
                 len(ordered), "y" if len(ordered) == 1 else "ies", self.options.min_replies)
@@ -114,55 +176,57 @@ class BaffleStrategy(FedAvg):
         self.last_info = info
         metrics = MetricRecord({"replies-used": info["replies_used"], "replies-dropped": len(dropped),
                                 "replies-missing": len(missing)})
-        return (None if diffs is None else ArrayRecord(self.sim.model.state_dict())), metrics
+        return (None if diffs is None else ArrayRecord(self.run.model.state_dict())), metrics
 
     def _validate(self, server_round: int, replies: list[Message]) -> tuple[dict, list[dict]]:
         """{partition id: ClientReply} of the usable replies, and [{node, reason}] of the dropped ones."""
-        valid, dropped, expected = {}, [], self.sim.estimator.num_directions
+        valid, dropped, expected = {}, [], self.run.estimator.num_directions
         for msg in replies:
             node = msg.metadata.src_node_id
             try:
                 if msg.has_error():
                     raise ValueError(f"node {node}: error reply (code {msg.error.code}): {msg.error.reason}")
                 partition, reply = reply_from_content(msg.content, node)
-                if partition >= self.sim.config.clients:
-                    raise ValueError(f"node {node}: partition-id {partition} >= clients {self.sim.config.clients}")
+                if self.sent.get(node) != partition:
+                    asked = self.sent.get(node)
+                    raise ValueError(f"node {node}: replied for partition {partition}, but "
+                                     + ("was not asked this round" if asked is None else f"was asked for {asked}"))
                 check_reply(reply, expected)
                 if partition in valid:
                     raise ValueError(f"node {node}: partition {partition} already answered by another node")
             except ValueError as e:
-                reason = str(e) if len(str(e)) <= 600 else f"{str(e)[:200]} [...] {str(e)[-400:]}"  # keep the cause
+                reason = _short(str(e))
                 log(WARNING, "round %d: dropped reply of node %d: %s", server_round, node, reason)
                 dropped.append({"node": node, "reason": reason})
                 continue
-            self.partition_of[node] = partition
             valid[partition] = reply
         return valid, dropped
 
     def _account(self, t: int, used: list) -> None:
-        """Counters as ``baffle train`` keeps them; advance the server's copy of the batch cursors."""
-        c, sim = self.sim.config, self.sim
-        sim.counters.forward_passes += len(used) * forward_passes(c.num_perturbations, c.scheme)
-        sim.counters.bytes_up += len(used) * 8 * (sim.estimator.num_directions + 2)
-        sim.counters.bytes_down += len(self.sent) * (sim.model_bytes + 32)
-        for cid in sample_clients(c.clients, c.fraction, c.seed, t):
-            sim.shards.seek(cid, rounds_sampled_before(c.clients, c.fraction, c.seed, cid, t + 1), c.batch_size)
+        """Counters as ``baffle train`` keeps them; count round t in every sampled partition's cursor."""
+        c, run = self.run.config, self.run
+        run.counters.forward_passes += len(used) * forward_passes(c.num_perturbations, c.scheme)
+        run.counters.bytes_up += len(used) * 8 * (run.estimator.num_directions + 2)
+        run.counters.bytes_down += len(self.sent) * (run.model_bytes + 32)
+        run.cursors.advance(t)  # O(m): the in-process cursors advance for every sampled client
 
     def _round_info(self, used: list, dropped: list, missing: list) -> dict:
         total = sum(r.num_examples for r in used)
         losses = [(r.loss, r.num_examples) for r in used if r.loss is not None]
         loss = sum(v * n for v, n in losses) / sum(n for _, n in losses) if losses and total else None
         return {"clients": len(used), "train_loss": loss, "replies_used": len(used),
-                "replies_dropped": len(dropped), "replies_missing": len(missing), "replies_sent": len(self.sent)}
+                "replies_dropped": len(dropped), "replies_missing": len(missing) + len(self.unserved),
+                "replies_sent": len(self.sent)}
 
     def _log_round(self, server_round: int, info: dict, dropped: list, missing: list, diffs) -> None:
         if self.rounds_log is None:
             return
-        line = {"round": server_round, "seed": self.plan.seed, **info, "dropped": dropped, "missing_nodes": missing,
-                "round_s": time.perf_counter() - self._t0, "stepped": diffs is not None,
-                "loss_diffs": None if diffs is None else diffs.tolist()}
+        line = {"round": server_round, "seed": self.plan.seed, **info, "partitions": self._used,
+                "dropped": dropped, "missing_nodes": missing,
+                "unserved_partitions": self.unserved, "round_s": time.perf_counter() - self._t0,
+                "stepped": diffs is not None, "loss_diffs": None if diffs is None else diffs.tolist()}
         with self.rounds_log.open("a") as f:
             f.write(json.dumps(line) + "\n")
 
 
-__all__ = ["BaffleStrategy"]
+__all__ = ["BaffleStrategy", "NodeBook"]

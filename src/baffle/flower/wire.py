@@ -1,6 +1,6 @@
 """Wire format between the BAFFLE ServerApp and ClientApps (Flower Message API records).
 
-Server → client, message type ``train``, ``RecordDict``:
+Server → node, message type ``train``, ``RecordDict``:
   "arrays": ArrayRecord  the global model's ``state_dict`` (float32 tensors, key order kept)
   "config": ConfigRecord the round plan: everything a client needs to regenerate δ_k
       server-round        int    BAFFLE's 0-based round t (Flower's round is t + 1)
@@ -9,15 +9,28 @@ Server → client, message type ``train``, ``RecordDict``:
       sigma               float  σ
       scheme              str    forward | central | twice-fd
       distribution        str    gaussian | rademacher
+      perturbations       str    shared | per-client
+      batches-taken       int    batches this partition has taken before round t (the number of
+                                 earlier rounds that sampled it): the node derives its batch from
+                                 (seed, partition id, batches-taken) in O(1)
 
-Client → server, reply to that message, ``RecordDict``:
+Node → server, reply to that message, ``RecordDict``:
   "baffle": MetricRecord
       loss-diffs    list[float]  ΔL, K floats (2K for twice-fd), sent as float64: lossless
       num-examples  int          n_c, examples in the batch the ΔL was measured on
       loss          float        L(W) on that batch (telemetry)
       partition-id  int          the node's partition (orders the server's sum as in-process)
 
-Nothing else leaves the client. Replies are validated on the server (``reply_from_content``,
+Server → node, message type ``query`` (empty content): "describe your data". Reply "baffle":
+MetricRecord with partition-id, num-examples (this partition's size), train-examples (Σ of all
+partitions' sizes), image-size, in-channels, num-classes: what the server needs to build the
+model and count the rounds of an epoch without the data.
+
+Server → node, message type ``evaluate``: "arrays" (the weights to evaluate: the EMA weights if
+EMA is on), optionally "raw" (the raw weights, with EMA), "config" (server-round). Reply "baffle":
+MetricRecord with test-loss, test-accuracy, and raw-test-* / val-* when they apply.
+
+Nothing else leaves a node. Replies are validated on the server (``reply_from_content``,
 then ``baffle.server.check_reply``); a bad reply raises ValueError and is dropped.
 """
 from __future__ import annotations
@@ -27,19 +40,32 @@ import math
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from baffle.flower.serverstate import DataFacts
 from baffle.rounds import EstimatorSpec, RoundPlan
 from baffle.server import ClientReply
 
-ARRAYS, CONFIG, REPLY = "arrays", "config", "baffle"
+ARRAYS, RAW, CONFIG, REPLY = "arrays", "raw", "config", "baffle"
 LOSS_DIFFS, NUM_EXAMPLES, LOSS, PARTITION = "loss-diffs", "num-examples", "loss", "partition-id"
+BATCHES_TAKEN, TRAIN_EXAMPLES = "batches-taken", "train-examples"
+FACT_KEYS = {"image_size": "image-size", "in_channels": "in-channels", "num_classes": "num-classes",
+             "train_examples": TRAIN_EXAMPLES}
+EVAL_KEYS = ("test_loss", "test_accuracy", "raw_test_loss", "raw_test_accuracy", "val_loss", "val_accuracy")
 
 
-def plan_to_config(plan: RoundPlan) -> ConfigRecord:
+def plan_to_config(plan: RoundPlan, batches_taken: int = 0) -> ConfigRecord:
     e = plan.estimator
     return ConfigRecord({"server-round": plan.server_round, "seed": plan.seed,
                          "num-perturbations": e.num_perturbations, "sigma": float(e.sigma),
                          "scheme": e.scheme, "distribution": e.distribution,
-                         "perturbations": plan.perturbations})
+                         "perturbations": plan.perturbations, BATCHES_TAKEN: int(batches_taken)})
+
+
+def batches_taken_from_config(config: ConfigRecord) -> int:
+    value = config.get(BATCHES_TAKEN)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"train message config: {BATCHES_TAKEN} must be an integer >= 0, got {value!r} "
+                         "(sent by a different baffle version?)")
+    return value
 
 
 def plan_from_config(config: ConfigRecord) -> RoundPlan:
@@ -84,5 +110,41 @@ def reply_from_content(content: RecordDict, node_id: int) -> tuple[int, ClientRe
     return partition, reply
 
 
-__all__ = ["ARRAYS", "CONFIG", "REPLY", "plan_from_config", "plan_to_config", "reply_content",
-           "reply_from_content"]
+def describe_content(partition_id: int, num_examples: int, facts: DataFacts) -> RecordDict:
+    record = {PARTITION: int(partition_id), NUM_EXAMPLES: int(num_examples)}
+    record.update({key: int(getattr(facts, name)) for name, key in FACT_KEYS.items()})
+    return RecordDict({REPLY: MetricRecord(record)})
+
+
+def describe_from_content(content: RecordDict, node_id: int) -> tuple[int, int, DataFacts]:
+    """(partition id, partition size, DataFacts) from a describe reply; ValueError naming the node."""
+    record = content[REPLY] if REPLY in content else None
+    keys = (PARTITION, NUM_EXAMPLES, *FACT_KEYS.values())
+    if not isinstance(record, MetricRecord) or any(k not in record for k in keys):
+        raise ValueError(f"node {node_id}: describe reply lacks {', '.join(keys)} (a different baffle version?)")
+    values = {k: record[k] for k in keys}
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in values.values()) or values[PARTITION] < 0:
+        raise ValueError(f"node {node_id}: describe reply must hold integers >= 0, got {values}")
+    try:
+        facts = DataFacts(**{name: values[key] for name, key in FACT_KEYS.items()})
+    except ValueError as e:
+        raise ValueError(f"node {node_id}: {e}") from None
+    return values[PARTITION], values[NUM_EXAMPLES], facts
+
+
+def evaluation_content(metrics: dict) -> RecordDict:
+    return RecordDict({REPLY: MetricRecord({k.replace("_", "-"): float(metrics[k]) for k in EVAL_KEYS
+                                            if k in metrics})})
+
+
+def evaluation_from_content(content: RecordDict, node_id: int) -> dict:
+    """{test_loss, test_accuracy, ...} (the keys of ``Simulation.evaluate``) from an evaluate reply."""
+    record = content[REPLY] if REPLY in content else None
+    if not isinstance(record, MetricRecord) or "test-loss" not in record or "test-accuracy" not in record:
+        raise ValueError(f"node {node_id}: evaluate reply lacks test-loss / test-accuracy")
+    return {k: float(record[k.replace("_", "-")]) for k in EVAL_KEYS if k.replace("_", "-") in record}
+
+
+__all__ = ["ARRAYS", "CONFIG", "RAW", "REPLY", "batches_taken_from_config", "describe_content",
+           "describe_from_content", "evaluation_content", "evaluation_from_content", "plan_from_config",
+           "plan_to_config", "reply_content", "reply_from_content"]
