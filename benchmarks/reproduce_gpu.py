@@ -4,6 +4,11 @@
     python benchmarks/reproduce_gpu.py --smoke                # every row for 1-2 tiny rounds, CPU, temp folder
     python benchmarks/reproduce_gpu.py --run ROW [ROW ...]    # CPU, results/<row>/ (resumes, skips finished)
     python benchmarks/reproduce_gpu.py --run all --device cuda --jobs 1   # one GPU, every row at full length
+    python benchmarks/reproduce_gpu.py --stash                # copy unfinished rows' checkpoints to resume/
+
+`--stash` is for machines that keep only what git tracks between sessions: it copies the checkpoint of
+every unfinished row to resume/<row>.pt (a folder meant to be committed while rows are in flight, and
+emptied when they finish), and `--run` copies it back into results/<row>/ when that folder has none.
 
 This list is the single source of the commands: docs/REPRODUCTION.md quotes them, and a test checks that it
 quotes them verbatim. `--device cuda` needs the GPU engine (`baffle train --device`); until the installed
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = "../shared/datasets"
 FEDSGD = "configs/paper/mnist-lenet-fedsgd.toml"
 FEDAVG = "configs/paper/mnist-lenet-fedavg.toml"
+STASH = ROOT / "resume"
 ABLATION = ("--epochs", "1")  # the reduced budget of every ablation row: 1 epoch = 172 FedSGD rounds on MNIST
 
 
@@ -145,6 +152,10 @@ def run_row(row: Row, *, out_root: str, device: str, extra: list[str], log: bool
         print(f"{row.name}: finished already ({out / 'summary.json'})")
         return 0
     args = row.args(out_root) + extra + (["--device", device] if device != "cpu" else [])
+    stashed = STASH / f"{row.name}.pt"
+    if not (out / "checkpoint.pt").exists() and stashed.exists() and not extra:
+        shutil.copy2(stashed, out / "checkpoint.pt")
+        print(f"{row.name}: checkpoint restored from {stashed.relative_to(ROOT)}", flush=True)
     if (out / "checkpoint.pt").exists():
         args.append("--resume")
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -158,6 +169,21 @@ def run_row(row: Row, *, out_root: str, device: str, extra: list[str], log: bool
     return rc
 
 
+def stash(results: Path) -> int:
+    """Copy each unfinished row's checkpoint to resume/<row>.pt; drop stashes of finished rows."""
+    STASH.mkdir(exist_ok=True)
+    for row in ROWS:
+        ckpt, kept = results / row.name / "checkpoint.pt", STASH / f"{row.name}.pt"
+        if (results / row.name / "summary.json").exists():
+            if kept.exists():
+                kept.unlink()
+                print(f"{row.name}: finished; removed {kept.relative_to(ROOT)}")
+        elif ckpt.exists():
+            shutil.copy2(ckpt, kept)
+            print(f"{row.name}: {ckpt.relative_to(ROOT)} -> {kept.relative_to(ROOT)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group(required=True)
@@ -165,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--smoke", action="store_true", help="every row for 1-2 tiny rounds in a temporary folder")
     mode.add_argument("--run", nargs="+", metavar="ROW", help="row names, or 'all'")
     mode.add_argument("--table", action="store_true", help="the results table of docs/REPRODUCTION.md, from results/")
+    mode.add_argument("--stash", action="store_true", help="copy unfinished rows' checkpoints to resume/<row>.pt")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--jobs", type=int, default=1, help="rows run at once (one per CPU core or GPU)")
     p.add_argument("--out-root", default="results")
@@ -176,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.table:
         print(results_table(a.out_root))
         return 0
+    if a.stash:
+        return stash(ROOT / a.out_root)
     if a.device == "cuda" and not _has_device_flag():
         print("reproduce_gpu: the installed `baffle train` has no --device flag yet (the GPU engine); "
               "run on the CPU or install a baffle that has it", file=sys.stderr)

@@ -251,6 +251,9 @@ def test_readme_cli_reference_is_the_parser_table():
     (["train", "--bogus"], "unrecognized arguments: --bogus"),
     (["train", "--threads", "x"], "invalid int value"),
     ([], "the following arguments are required"),
+    (["analyze", "stein", "--out", "o", "--ks", "abc"], "argument --ks: expected comma-separated integers"),
+    (["analyze", "linear", "--out", "o", "--batch-size", "0"], "argument --batch-size: expected a number > 0"),
+    (["analyze", "memory"], "the following arguments are required: --out"),
 ])
 def test_usage_errors_are_one_line(argv, fragment, capsys):
     with pytest.raises(SystemExit) as exit_:

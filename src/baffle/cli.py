@@ -148,9 +148,17 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--out", metavar="DIR", help="also write DIR/report.csv and accuracy plots (PNG)")
     report.add_argument("--targets", default="0.9,0.95", metavar="A,B",
                         help="test accuracies to reach: first round, forward passes and wall time (default 0.9,0.95)")
-    for p in (parser, *sub.choices.values()):
-        p.error = functools.partial(_one_line_error, p)
+    _errors_on_one_line(parser)
     return parser
+
+
+def _errors_on_one_line(parser: argparse.ArgumentParser) -> None:
+    """Give ``parser`` and every sub-parser below it (``analyze stein`` too) the one-line error."""
+    parser.error = functools.partial(_one_line_error, parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _errors_on_one_line(child)
 
 
 def _train(args: argparse.Namespace) -> int:
