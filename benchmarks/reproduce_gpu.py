@@ -6,8 +6,13 @@
     python benchmarks/reproduce_gpu.py --run all --device cuda --jobs 1   # one GPU, every row at full length
 
 This list is the single source of the commands: docs/REPRODUCTION.md quotes them, and a test checks that it
-quotes them verbatim. `--device cuda` needs the GPU engine (`baffle train --device`); until the installed
-baffle has it the script refuses with one line rather than running on the CPU.
+quotes them verbatim. `--device cuda` appends `--device cuda` to every row's `baffle train` (the GPU engine:
+model, data and rebuild on the card, batched perturbations). The rows keep their configs' direction stream
+(mt19937: drawn on the CPU and copied, the same directions as on the CPU); `--direction-stream philox`
+appends that flag too (directions computed on the card, much faster there, but other directions: a
+different run of the same row, and a row begun with the other stream refuses to resume). A row folder begun
+on the CPU continues on the GPU (baffle train records the device switch). An installed baffle without
+`--device` is refused with one line rather than run on the CPU.
 """
 from __future__ import annotations
 
@@ -138,13 +143,18 @@ def _has_device_flag() -> bool:
     return "--device" in text
 
 
-def run_row(row: Row, *, out_root: str, device: str, extra: list[str], log: bool) -> int:
+def device_flags(device: str, stream: str | None) -> list[str]:
+    """The flags appended to every row's command for ``--device`` / ``--direction-stream``."""
+    return (["--device", device] if device != "cpu" else []) + (["--direction-stream", stream] if stream else [])
+
+
+def run_row(row: Row, *, out_root: str, device: str, extra: list[str], log: bool, stream: str | None = None) -> int:
     """Run one row to its end: resume a folder with a checkpoint, skip one with a summary."""
     out = ROOT / out_root / row.name
     if (out / "summary.json").exists() and not extra:
         print(f"{row.name}: finished already ({out / 'summary.json'})")
         return 0
-    args = row.args(out_root) + extra + (["--device", device] if device != "cpu" else [])
+    args = row.args(out_root) + extra + device_flags(device, stream if "bp-" not in row.config else None)
     if (out / "checkpoint.pt").exists():
         args.append("--resume")
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -166,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--run", nargs="+", metavar="ROW", help="row names, or 'all'")
     mode.add_argument("--table", action="store_true", help="the results table of docs/REPRODUCTION.md, from results/")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--direction-stream", default=None, choices=("mt19937", "philox"),
+                   help="append --direction-stream to the BAFFLE rows (default: each config's own)")
     p.add_argument("--jobs", type=int, default=1, help="rows run at once (one per CPU core or GPU)")
     p.add_argument("--out-root", default="results")
     a = p.parse_args(argv)
@@ -183,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.smoke:
         with tempfile.TemporaryDirectory() as tmp:
             rcs = [run_row(r, out_root=os.path.relpath(tmp, ROOT), device=a.device, extra=smoke_flags(r),
-                           log=False) for r in ROWS]
+                           log=False, stream=a.direction_stream) for r in ROWS]
         return max(rcs)
     names = [r.name for r in ROWS] if a.run == ["all"] else a.run
     unknown = [n for n in names if n not in BY_NAME]
@@ -192,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with ThreadPoolExecutor(max(1, a.jobs)) as pool:
         rcs = list(pool.map(lambda n: run_row(BY_NAME[n], out_root=a.out_root, device=a.device, extra=[],
-                                              log=True), names))
+                                              log=True, stream=a.direction_stream), names))
     return max(rcs)
 
 
