@@ -20,8 +20,7 @@ from contextlib import contextmanager
 
 import torch
 
-from baffle.perturbation import (CHUNK_SIZE, check_distribution, check_stream, chunk_ranges, chunk_seeds, fill_rows,
-                                 fill_span)
+from baffle.perturbation import check_distribution, check_stream, chunk_ranges, chunk_seeds, fill_rows, fill_span
 
 
 def _segments(sizes: list[int], ranges: list[tuple[int, int]]) -> list[list[tuple[int, int, int]]]:

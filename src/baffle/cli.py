@@ -35,7 +35,8 @@ HELP = {
     "perturbations": "shared (one seed for all clients), per-client (each client its own noise, as published)",
     "direction_stream": "generator of the directions: mt19937 (torch's CPU generator, per 65,536-number chunk; "
                         "the same numbers only on the same CPU capability), philox (counter-based, "
-                        "docs/DIRECTIONS.md: the same float32 numbers on every CPU capability and on CUDA)",
+                        "docs/DIRECTIONS.md: the same float32 numbers on every CPU capability, and on CUDA by "
+                        "construction, not yet measured; computed on the GPU with --device cuda)",
     "rounds": "server rounds (on --resume: more than done extends the run, fewer is refused)",
     "epochs": "passes over each client's data (used when --rounds is not given)",
     "batch_size": "client batch size",
