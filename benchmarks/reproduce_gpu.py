@@ -11,8 +11,13 @@ every unfinished row to resume/<row>.pt (a folder meant to be committed while ro
 emptied when they finish), and `--run` copies it back into results/<row>/ when that folder has none.
 
 This list is the single source of the commands: docs/REPRODUCTION.md quotes them, and a test checks that it
-quotes them verbatim. `--device cuda` needs the GPU engine (`baffle train --device`); until the installed
-baffle has it the script refuses with one line rather than running on the CPU.
+quotes them verbatim. `--device cuda` appends `--device cuda` to every row's `baffle train` (the GPU engine:
+model, data and rebuild on the card, batched perturbations). The rows keep their configs' direction stream
+(mt19937: drawn on the CPU and copied, the same directions as on the CPU); `--direction-stream philox`
+appends that flag too (directions computed on the card, much faster there, but other directions: a
+different run of the same row, and a row begun with the other stream refuses to resume). A row folder begun
+on the CPU continues on the GPU (baffle train records the device switch). An installed baffle without
+`--device` is refused with one line rather than run on the CPU.
 """
 from __future__ import annotations
 
@@ -145,26 +150,32 @@ def _has_device_flag() -> bool:
     return "--device" in text
 
 
-def run_row(row: Row, *, out_root: str, device: str, extra: list[str], log: bool) -> int:
+def device_flags(device: str, stream: str | None) -> list[str]:
+    """The flags appended to every row's command for ``--device`` / ``--direction-stream``."""
+    return (["--device", device] if device != "cpu" else []) + (["--direction-stream", stream] if stream else [])
+
+
+def run_row(row: Row, *, out_root: str, device: str, extra: list[str], log: bool, stream: str | None = None) -> int:
     """Run one row to its end: resume a folder with a checkpoint, skip one with a summary."""
     out = ROOT / out_root / row.name
     if (out / "summary.json").exists() and not extra:
         print(f"{row.name}: finished already ({out / 'summary.json'})")
         return 0
-    args = row.args(out_root) + extra + (["--device", device] if device != "cpu" else [])
+    args = row.args(out_root) + extra + device_flags(device, stream if "bp-" not in row.config else None)
     stashed = STASH / f"{row.name}.pt"
     if not (out / "checkpoint.pt").exists() and stashed.exists() and not extra:
+        out.mkdir(parents=True, exist_ok=True)
         shutil.copy2(stashed, out / "checkpoint.pt")
         print(f"{row.name}: checkpoint restored from {stashed.relative_to(ROOT)}", flush=True)
     if (out / "checkpoint.pt").exists():
         args.append("--resume")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    stream = open(out.parent / f"{row.name}.log", "a") if log else None
     out.parent.mkdir(parents=True, exist_ok=True)
+    logfile = open(out.parent / f"{row.name}.log", "a") if log else None
     print(f"{row.name}: baffle train {shlex.join(args)}", flush=True)
-    rc = subprocess.run(_baffle() + ["train", *args], cwd=ROOT, env=env, stdout=stream, stderr=stream).returncode
-    if stream:
-        stream.close()
+    rc = subprocess.run(_baffle() + ["train", *args], cwd=ROOT, env=env, stdout=logfile, stderr=logfile).returncode
+    if logfile:
+        logfile.close()
     print(f"{row.name}: exit {rc}", flush=True)
     return rc
 
@@ -193,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--table", action="store_true", help="the results table of docs/REPRODUCTION.md, from results/")
     mode.add_argument("--stash", action="store_true", help="copy unfinished rows' checkpoints to resume/<row>.pt")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--direction-stream", default=None, choices=("mt19937", "philox"),
+                   help="append --direction-stream to the BAFFLE rows (default: each config's own)")
     p.add_argument("--jobs", type=int, default=1, help="rows run at once (one per CPU core or GPU)")
     p.add_argument("--out-root", default="results")
     a = p.parse_args(argv)
@@ -212,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.smoke:
         with tempfile.TemporaryDirectory() as tmp:
             rcs = [run_row(r, out_root=os.path.relpath(tmp, ROOT), device=a.device, extra=smoke_flags(r),
-                           log=False) for r in ROWS]
+                           log=False, stream=a.direction_stream) for r in ROWS]
         return max(rcs)
     names = [r.name for r in ROWS] if a.run == ["all"] else a.run
     unknown = [n for n in names if n not in BY_NAME]
@@ -221,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with ThreadPoolExecutor(max(1, a.jobs)) as pool:
         rcs = list(pool.map(lambda n: run_row(BY_NAME[n], out_root=a.out_root, device=a.device, extra=[],
-                                              log=True), names))
+                                              log=True, stream=a.direction_stream), names))
     return max(rcs)
 
 

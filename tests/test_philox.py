@@ -17,6 +17,7 @@ import torch
 
 from baffle import philox
 from baffle.perturbation import direction, directions, fill_direction
+from baffle.perturbation import fill_rows as perturbation_fill_rows
 from conftest import REPO
 
 MASK = 0xFFFFFFFF
@@ -346,3 +347,41 @@ def test_mt19937_stream_is_unchanged():
     """The default stream's first numbers, pinned (runs resuming on it must not see a change)."""
     assert bits(direction(4, 5, 1)) == [0x3C44A4A8, 0x3FCD89FC, 0x3FA3BAED, 0x3F606BE1]
     assert bits(direction(4, 5, 1, stream="mt19937")) == [0x3C44A4A8, 0x3FCD89FC, 0x3FA3BAED, 0x3F606BE1]
+
+
+# ------------------------------------------------------------------ many directions at once
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_fill_rows_gives_each_row_the_bits_of_its_own_direction(distribution, monkeypatch):
+    one = philox.normal if distribution == "gaussian" else philox.rademacher
+    ks = [0, 7, (1 << 40) + 3, 7, 2]
+    for start, m in [(0, 12), (3, 17), (5, 1), (1001, 3000)]:
+        want = torch.stack([one(2**63 + 5, k, start, m) for k in ks])
+        for block in ({"cpu": 1 << 14}, {"cpu": 3}, {"cpu": 1000}):  # rows grouped, one per pass, rows split
+            monkeypatch.setattr(philox, "_BLOCK", block)
+            got = philox.fill_rows(torch.empty(len(ks), m), 2**63 + 5, ks, start, distribution=distribution)
+            assert torch.equal(got, want), (start, m, block)
+    assert not torch.equal(want[0], want[1]) and torch.equal(want[1], want[3])
+
+
+def test_fill_rows_checks_its_arguments():
+    with pytest.raises(ValueError, match="2-D"):
+        philox.fill_rows(torch.empty(4), 1, [0])
+    with pytest.raises(ValueError, match="2 directions for 3 rows"):
+        philox.fill_rows(torch.empty(3, 4), 1, [0, 1])
+    with pytest.raises(ValueError, match="k must be in"):
+        philox.fill_rows(torch.empty(1, 4), 1, [1 << 63])
+    rows = torch.empty(3, 50)
+    assert perturbation_fill_rows(rows, 4, [2, 0, 2], stream="mt19937") is rows
+    assert torch.equal(rows, torch.stack([direction(50, 4, k) for k in (2, 0, 2)]))
+    assert torch.equal(perturbation_fill_rows(torch.empty(2, 50), 4, [1, 3], stream="philox"),
+                       torch.stack([philox.normal(4, k, 0, 50) for k in (1, 3)]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_fill_rows_on_cuda_gives_the_cpu_bits():
+    ks = list(range(40))
+    cpu = philox.fill_rows(torch.empty(40, 30_011), 99, ks, 5)
+    assert torch.equal(philox.fill_rows(torch.empty(40, 30_011, device="cuda"), 99, ks, 5).cpu(), cpu)
+    host = perturbation_fill_rows(torch.empty(3, 70_000), 99, [0, 1, 2], stream="mt19937")
+    assert torch.equal(perturbation_fill_rows(torch.empty(3, 70_000, device="cuda"), 99, [0, 1, 2],
+                                              stream="mt19937").cpu(), host)  # drawn on the CPU, copied

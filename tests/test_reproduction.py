@@ -83,6 +83,21 @@ def test_results_table_block_is_current():
         "docs/REPRODUCTION.md's table is stale: paste `python benchmarks/reproduce_gpu.py --table` into it"
 
 
+def test_device_and_stream_flags_reach_every_rows_command(tmp_path, monkeypatch):
+    script = _script()
+    seen = []
+    monkeypatch.setattr(script.subprocess, "run", lambda cmd, **kw: seen.append(cmd) or
+                        subprocess.CompletedProcess(cmd, 0))
+    for row in (script.BY_NAME["abl-relu"], script.BY_NAME["mnist-lenet-bp-fedsgd"]):
+        assert script.run_row(row, out_root=str(tmp_path), device="cuda", extra=[], log=False, stream="philox") == 0
+    baffle, bp = seen
+    assert baffle[baffle.index("--device"):] == ["--device", "cuda", "--direction-stream", "philox"]
+    assert bp[bp.index("--device"):] == ["--device", "cuda"]  # a backprop row has no directions
+    seen.clear()
+    script.run_row(script.BY_NAME["abl-relu"], out_root=str(tmp_path), device="cpu", extra=[], log=False)
+    assert "--device" not in seen[0] and "--direction-stream" not in seen[0]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (DATA / "mnist").exists(), reason="needs ../shared/datasets/mnist")
 def test_main_row_first_43_rounds_rerun_identically(tmp_path):

@@ -33,6 +33,10 @@ HELP = {
     "scheme": "forward (K+1 passes), central (2K), twice-fd (forward with 2K directions)",
     "distribution": "gaussian, rademacher",
     "perturbations": "shared (one seed for all clients), per-client (each client its own noise, as published)",
+    "direction_stream": "generator of the directions: mt19937 (torch's CPU generator, per 65,536-number chunk; "
+                        "the same numbers only on the same CPU capability), philox (counter-based, "
+                        "docs/DIRECTIONS.md: the same float32 numbers on every CPU capability, and on CUDA by "
+                        "construction, not yet measured; computed on the GPU with --device cuda)",
     "rounds": "server rounds (on --resume: more than done extends the run, fewer is refused)",
     "epochs": "passes over each client's data (used when --rounds is not given)",
     "batch_size": "client batch size",
@@ -55,6 +59,9 @@ HELP = {
     "ema_ramp": "true: torch_ema's decay min(decay, (1+t)/(10+t)) at update t (as published)",
     "ema_every": "round, epoch (one EMA update per epoch, as published)",
     "memory_format": "auto (probed once per run and recorded), nchw, channels_last",
+    "device": "cpu, cuda, auto (cuda if available, else cpu): where the model, client data, directions and "
+              "server rebuild live. Recorded in the checkpoint: --resume keeps it; another device only "
+              "when named explicitly (results then differ in float rounding)",
     "eval_every": "evaluate (and checkpoint) every N rounds, and after the last",
     "eval_batch_size": "batch size for evaluation",
     "seed": "seed of everything random (init, partition, sampling, batches, perturbations)",
@@ -74,7 +81,7 @@ MAX_THREADS = 1024
 RUN_FLAGS = {
     "config": ("TOML file with any of the keys above (flags override it)", "none"),
     "resume": ("continue the run in --out from its checkpoint, with its recorded settings; only --rounds, "
-               "--epochs, --eval-every and --checkpoint-every may change", "off"),
+               "--epochs, --eval-every, --checkpoint-every and --device may change", "off"),
     "no_progress": ("no progress bar or progress lines (the start and final lines are still printed)", "off"),
     "threads": ("torch CPU threads; 1 is much faster when other processes compete for the cores. Recorded in "
                 "the checkpoint: --resume uses it, and refuses a different value (results can differ in the last "

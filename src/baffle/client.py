@@ -13,7 +13,7 @@ from torch import nn
 
 from baffle._alloc import auto_tune_malloc
 from baffle.estimator import check_estimator_args, num_directions
-from baffle.perturbation import check_distribution, fill_direction, split_like, trainable_parameters
+from baffle.perturbation import check_distribution, check_stream, fill_direction, split_like, trainable_parameters
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -68,12 +68,15 @@ def compute_loss_diffs(
     scheme: str = "forward",
     distribution: str = "gaussian",
     return_loss: bool = False,
+    stream: str = "mt19937",
 ):
     """ΔL_k for k = 1..K (float64 CPU vector; 2K entries for twice-fd), forward passes only.
 
     forward/twice-fd: ΔL_k = L(W+σε_k) − L(W); central: ΔL_k = L(W+σε_k) − L(W−σε_k), where L is the
     example-weighted mean of ``loss_fn`` over the batches. With ``return_loss`` also returns L(W)
-    (central: the mean of all perturbed losses, an O(σ²)-accurate proxy).
+    (central: the mean of all perturbed losses, an O(σ²)-accurate proxy). ``stream`` is the direction
+    stream (``perturbation.STREAMS``); the server must rebuild with the same one. Computes on the
+    model's device (the batch must be there too).
 
     Runs the sequential engine of ``baffle.fast`` (one reused work vector, noise regenerated chunk by
     chunk from the seed); the result is bit-identical to ``plain_loss_diffs``. The first call in a
@@ -84,7 +87,7 @@ def compute_loss_diffs(
 
     check_distribution(distribution)
     diffs, loss = loss_diffs(model, batch, loss_fn=loss_fn, seed=seed, num_perturbations=num_perturbations,
-                             sigma=sigma, scheme=scheme, distribution=distribution,
+                             sigma=sigma, scheme=scheme, distribution=distribution, stream=stream,
                              options=FastOptions(mode="sequential"))
     return (diffs, loss) if return_loss else diffs
 
@@ -99,11 +102,14 @@ def plain_loss_diffs(
     sigma: float,
     scheme: str = "forward",
     distribution: str = "gaussian",
+    stream: str = "mt19937",
 ) -> tuple[torch.Tensor, float]:
-    """Reference loop for (ΔL, L(W)): one whole ε_k per k, per-parameter W ± σε_k written in place
-    and restored from a kept copy. Slow but obvious; the fast engines are tested against it."""
+    """Reference loop for (ΔL, L(W)): one whole ε_k per k (``perturbation.fill_direction`` on the CPU),
+    per-parameter W ± σε_k written in place and restored from a kept copy. Slow but obvious; the fast
+    engines are tested against it."""
     check_estimator_args(num_perturbations, sigma, scheme)
     check_distribution(distribution)
+    check_stream(stream)
     validate_model(model)
     auto_tune_malloc()
     batches = as_batches(batch)
@@ -113,14 +119,14 @@ def plain_loss_diffs(
         originals = [p.detach().clone() for p in params]
         try:
             diffs, loss = _perturbed_losses(model, batches, loss_fn, params, originals, seed, count, sigma,
-                                            scheme, distribution)
+                                            scheme, distribution, stream)
         finally:
             for p, w in zip(params, originals):
                 p.copy_(w)
     return torch.tensor(diffs, dtype=torch.float64), loss
 
 
-def _perturbed_losses(model, batches, loss_fn, params, originals, seed, count, sigma, scheme, distribution):
+def _perturbed_losses(model, batches, loss_fn, params, originals, seed, count, sigma, scheme, distribution, stream):
     flat = torch.empty(sum(p.numel() for p in params), dtype=torch.float32)
     eps_views = split_like(flat, params)
     gen = torch.Generator()
@@ -134,7 +140,7 @@ def _perturbed_losses(model, batches, loss_fn, params, originals, seed, count, s
     base = None if central else mean_loss(model, batches, loss_fn)
     diffs, sums = [], 0.0
     for k in range(count):
-        fill_direction(flat, seed, k, distribution=distribution, generator=gen)
+        fill_direction(flat, seed, k, distribution=distribution, generator=gen, stream=stream)
         plus = loss_at(+1.0)
         other = loss_at(-1.0) if central else base
         diffs.append(plus - other)

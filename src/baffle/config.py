@@ -45,6 +45,7 @@ class TrainConfig:
     scheme: str | None = None
     distribution: str | None = None
     perturbations: str | None = None  # shared (one seed for all clients), per-client
+    direction_stream: str | None = None  # mt19937, philox (baffle.perturbation.STREAMS)
     rounds: int | None = None  # None: epochs × rounds per epoch
     epochs: float = 30.0
     batch_size: int = 64
@@ -67,6 +68,7 @@ class TrainConfig:
     ema_ramp: bool | None = None  # torch_ema's decay_t = min(decay, (1 + t) / (10 + t))
     ema_every: str | None = None  # round, epoch
     memory_format: str = "auto"  # auto (probed once per run, recorded), nchw, channels_last
+    device: str = "cpu"  # cpu, cuda, auto: a runtime setting (baffle.devices; training.py stores it)
     eval_every: int | None = None  # None: once per epoch (and always after the last round)
     eval_batch_size: int = 1000
     seed: int = 0
@@ -140,7 +142,8 @@ FEDAVG_METHODS = ("baffle-fedavg", "bp-fedavg")  # local epochs, weight averagin
 APPLIES = {
     "num_perturbations": (200, BAFFLE_METHODS), "sigma": (1e-4, BAFFLE_METHODS),
     "scheme": ("forward", BAFFLE_METHODS), "distribution": ("gaussian", BAFFLE_METHODS),
-    "perturbations": ("shared", BAFFLE_METHODS), "local_epochs": (1, FEDAVG_METHODS),
+    "perturbations": ("shared", BAFFLE_METHODS), "direction_stream": ("mt19937", BAFFLE_METHODS),
+    "local_epochs": (1, FEDAVG_METHODS),
     "schedule_unit": ("round", FEDSGD_METHODS), "warmup": (0, FEDSGD_METHODS),
     "warmup_lr": (None, FEDSGD_METHODS), "lr_milestones": ((), FEDSGD_METHODS),
     "lr_gamma": (0.1, FEDSGD_METHODS), "clip": (None, ("baffle", "baffle-fedavg", "bp-fedsgd")),
@@ -236,14 +239,16 @@ def _check_choices(c: TrainConfig) -> None:
     from baffle.data import dataset_names, parse_partition
     from baffle.estimator import SCHEMES
     from baffle.models import model_names
-    from baffle.perturbation import DISTRIBUTIONS
+    from baffle.devices import DEVICES
+    from baffle.perturbation import DISTRIBUTIONS, STREAMS
 
     choices = {"method": METHODS, "scheme": SCHEMES, "distribution": DISTRIBUTIONS,
                "optimizer": ("adam", "sgd"), "norm": ("none", "group"), "dataset": tuple(dataset_names()),
                "normalize": ("mean-std", "none", "published"), "augment": ("none", "crop-flip"),
                "client_weights": ("examples", "equal"), "perturbations": ("shared", "per-client"),
                "schedule_unit": ("round", "epoch"), "clip_scope": ("client", "server"),
-               "ema_every": ("round", "epoch"), "memory_format": ("auto", "nchw", "channels_last")}
+               "ema_every": ("round", "epoch"), "memory_format": ("auto", "nchw", "channels_last"),
+               "direction_stream": STREAMS, "device": DEVICES}
     for name, allowed in choices.items():
         value = getattr(c, name)
         if value is not None and value not in allowed:

@@ -84,24 +84,29 @@ def rebuild_flat_gradient(
     scheme: str,
     distribution: str = "gaussian",
     dtype: torch.dtype = torch.float32,
+    stream: str = "mt19937",
+    device=None,
 ) -> torch.Tensor:
-    """ĝ = Σ_k c_k ε_k (length n, CPU, ``dtype``) regenerated from the round seed chunk by chunk.
+    """ĝ = Σ_k c_k ε_k (length n, ``dtype``, on ``device``: default CPU) regenerated from the round seed.
 
-    Uses ``baffle.rebuild.combine_directions`` (both cores, bit-identical to the one-thread loop
-    ``for k: ĝ += c_k ε_k``); holds one chunk of ε per thread, never a whole ε_k.
+    Uses ``baffle.rebuild.combine_directions`` (on the CPU: both cores, chunk by chunk, bit-identical
+    to the one-thread loop ``for k: ĝ += c_k ε_k``, one chunk of ε per thread, never a whole ε_k; on
+    another device with the philox stream: computed there, bit-identical to that loop on that device).
     """
     coeffs = stein_coefficients(loss_diffs.to(torch.float64), sigma, scheme).tolist()
-    return combine_directions(num_params, coeffs, seed=seed, distribution=distribution, dtype=dtype)
+    return combine_directions(num_params, coeffs, seed=seed, distribution=distribution, dtype=dtype,
+                              stream=stream, device=device)
 
 
 def rebuild_flat_gradient_plain(num_params: int, loss_diffs: torch.Tensor, *, seed: int, sigma: float,
-                                scheme: str, distribution: str = "gaussian",
-                                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Reference loop for ``rebuild_flat_gradient``: one whole ε_k at a time, ĝ += c_k ε_k in k order."""
+                                scheme: str, distribution: str = "gaussian", dtype: torch.dtype = torch.float32,
+                                stream: str = "mt19937", device=None) -> torch.Tensor:
+    """Reference loop for ``rebuild_flat_gradient``: one whole ε_k at a time (drawn on the CPU by
+    ``perturbation.directions``), ĝ += c_k ε_k in k order on ``device``."""
     coeffs = stein_coefficients(loss_diffs.to(torch.float64), sigma, scheme).tolist()
-    grad = torch.zeros(num_params, dtype=dtype)
-    for k, eps in directions(num_params, seed, len(coeffs), distribution=distribution):
-        grad.add_(eps.to(dtype), alpha=coeffs[k])
+    grad = torch.zeros(num_params, dtype=dtype, device=device)
+    for k, eps in directions(num_params, seed, len(coeffs), distribution=distribution, stream=stream):
+        grad.add_(eps.to(device=grad.device, dtype=dtype), alpha=coeffs[k])
     return grad
 
 

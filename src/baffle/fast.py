@@ -15,6 +15,12 @@ W ± σ·ε_k — and combine the losses exactly as the plain loop does:
 ``auto``        batched for fully connected models with a vmap-safe loss (where one slot's forward
                 is too small to fill the cores), sequential otherwise (conv nets on CPU: measured).
 
+Devices: the engines compute on the model's device (weights, work rows, noise). With the philox
+stream off the CPU the directions are drawn there, and the batched engine draws a whole group of
+slots' directions in one vectorised pass (``Perturber.write_rows``); mt19937 numbers are drawn on the
+CPU and copied. ``runner_options`` is the runners' choice: on the CPU the sequential engine (batching
+measured slower on 2 cores), on a GPU the batched one with ``DEVICE_BUDGET_BYTES``.
+
 Memory layout: ``FastOptions.memory_format`` None computes in the model's own layout (NCHW for
 models as built); "channels_last" computes 4-D weights and inputs in that layout (faster for some conv
 nets on CPU, slower for others: measured). ``choose_memory_format`` probes which one is faster for a
@@ -42,6 +48,7 @@ from baffle.estimator import check_estimator_args, num_directions
 from baffle.perturbation import trainable_parameters
 
 MODES = ("auto", "sequential", "batched")
+DEVICE_BUDGET_BYTES = 2 << 30  # runner_options off the CPU: one batched call's weights + activations
 MEMORY_FORMATS = (None, "channels_last")
 CHANNELS_LAST_MIN_GAIN = 0.10  # choose_memory_format: channels_last must be >= 10 % faster (median)
 VMAP_SAFE_LOSSES = (F.cross_entropy, F.mse_loss, F.nll_loss)
@@ -123,7 +130,8 @@ class ClientEngine:
     """
 
     def __init__(self, model: nn.Module, *, seed: int, num_perturbations: int, sigma: float,
-                 scheme: str = "forward", distribution: str = "gaussian", options: FastOptions = FastOptions()):
+                 scheme: str = "forward", distribution: str = "gaussian", options: FastOptions = FastOptions(),
+                 stream: str = "mt19937"):
         check_estimator_args(num_perturbations, sigma, scheme)
         validate_model(model)
         auto_tune_malloc()  # many forwards follow: keep their scratch buffers (BAFFLE_TUNE_MALLOC=0 opts out)
@@ -133,7 +141,7 @@ class ClientEngine:
             raise ValueError("model has no trainable parameters to perturb")
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
-        self.perturber = Perturber(self.params, seed=seed, sigma=sigma, distribution=distribution)
+        self.perturber = Perturber(self.params, seed=seed, sigma=sigma, distribution=distribution, stream=stream)
         self.slots = scheme_slots(scheme, num_directions(num_perturbations, scheme))
         self._rows: torch.Tensor | None = None  # every slot's weights (keep_rows)
         self._act_bytes: dict[tuple, int] = {}  # activation probe per input shape
@@ -179,10 +187,17 @@ class ClientEngine:
         if not (self.options.keep_rows and fits):
             return None
         if self._rows is None:
-            self._rows = torch.empty(len(self.slots), p.n, dtype=p.dtype, device=p.device)
-            for row, slot in zip(self._rows, self.slots):
-                self._write(row, slot)
+            self._rows = self._write_block(torch.empty(len(self.slots), p.n, dtype=p.dtype, device=p.device),
+                                           self.slots)
         return self._rows
+
+    def _write_block(self, block: torch.Tensor, slots) -> torch.Tensor:
+        """Rows of ``block`` ← the slots' weights (philox off the CPU: all directions in one pass)."""
+        if self.perturber.block_draw:
+            return self.perturber.write_rows(block, slots)
+        for row, slot in zip(block, slots):
+            self._write(row, slot)
+        return block
 
     def _sequential(self, batches: list[Batch], loss_fn: LossFn) -> list[float]:
         shapes = [q.shape for q in self.params]
@@ -230,9 +245,7 @@ class ClientEngine:
             if rows is self._rows:
                 block = rows[start : start + len(part)]
             else:
-                block = rows[: len(part)]
-                for row, slot in zip(block, part):
-                    self._write(row, slot)
+                block = self._write_block(rows[: len(part)], part)
             losses += self._group_losses(fn, self.perturber.views(block, shapes), batches)
         return losses
 
@@ -300,11 +313,22 @@ def choose_memory_format(model: nn.Module, batch: Batch | Sequence[Batch], loss_
 
 def loss_diffs(model: nn.Module, batch: Batch | Sequence[Batch], *, loss_fn: LossFn, seed: int,
                num_perturbations: int, sigma: float, scheme: str = "forward", distribution: str = "gaussian",
-               options: FastOptions = FastOptions()) -> tuple[torch.Tensor, float]:
+               options: FastOptions = FastOptions(), stream: str = "mt19937") -> tuple[torch.Tensor, float]:
     """One client's (ΔL, L(W)) with the fast engines; see ``ClientEngine`` and the module docstring."""
     engine = ClientEngine(model, seed=seed, num_perturbations=num_perturbations, sigma=sigma, scheme=scheme,
-                          distribution=distribution, options=options)
+                          distribution=distribution, options=options, stream=stream)
     return engine.loss_diffs(batch, loss_fn)
 
 
-__all__ = ["ClientEngine", "FastOptions", "MODES", "assemble", "choose_memory_format", "loss_diffs", "scheme_slots"]
+def runner_options(device: torch.device | str, memory_format: str | None = None) -> FastOptions:
+    """The runners' engine (kept rows, so clients sharing a round seed regenerate no noise): sequential
+    on the CPU; off the CPU batched with ``DEVICE_BUDGET_BYTES`` (P from the model and batch shapes
+    alone, so never from free memory or timing), or sequential when channels_last is asked for (the
+    batched engine computes in the model's own layout)."""
+    if torch.device(device).type == "cpu" or memory_format == "channels_last":
+        return FastOptions(mode="sequential", keep_rows=True, memory_format=memory_format)
+    return FastOptions(mode="batched", keep_rows=True, budget_bytes=DEVICE_BUDGET_BYTES)
+
+
+__all__ = ["ClientEngine", "DEVICE_BUDGET_BYTES", "FastOptions", "MODES", "assemble", "choose_memory_format",
+           "loss_diffs", "runner_options", "scheme_slots"]

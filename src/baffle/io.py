@@ -97,7 +97,7 @@ def load_checked(path: str | Path) -> tuple[object, bool]:
     try:
         with warnings.catch_warnings():  # a damaged header can make torch warn (several lines) before failing
             warnings.simplefilter("ignore")
-            obj = torch.load(path, weights_only=True)
+            obj = torch.load(path, weights_only=True, map_location="cpu")  # written on any device
     except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
         raise ValueError(_first_line(e)) from None
     if not (isinstance(obj, dict) and DIGEST_KEY in obj):

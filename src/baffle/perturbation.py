@@ -5,15 +5,22 @@ entries, in ``named_parameters()`` order, each tensor in its logical row-major o
 perturbs with δ_k = σ·ε_k and the server regenerates the same ε_k from the round seed alone, so the
 directions never travel over the wire.
 
-The stream is defined in chunks of ``CHUNK_SIZE`` numbers: chunk j of direction k is drawn from a
-fresh CPU ``torch.Generator`` (mt19937) seeded with ``derive_seed(seed, k, j)``. Numbers are always
-generated on the CPU in float32 and only then copied to the parameters' device and dtype, which makes
-ε_k bit-identical in every process and on every device. Chunking lets several threads generate one
-direction at once without changing a single bit of it. No global RNG state is touched.
+Two streams (``STREAMS``; a run picks one with ``direction_stream``, and client and server must use
+the same):
 
-``stream="philox"`` (``baffle.philox``, specified in ``docs/DIRECTIONS.md``) selects the counter-based
-stream instead: number i of ε_k is a function of (seed, k, i) alone, computed on the buffer's device,
-with the same float32 bits on every CPU capability and on CUDA. The default stays ``"mt19937"``.
+``"mt19937"`` (default): the stream is defined in chunks of ``CHUNK_SIZE`` numbers: chunk j of direction
+k is drawn from a fresh CPU ``torch.Generator`` (mt19937) seeded with ``derive_seed(seed, k, j)``.
+Numbers are always generated on the CPU in float32; for a buffer on another device they are drawn on
+the CPU and copied. The same seed gives the same numbers in every process on one machine and torch
+build; across CPU capabilities they differ (torch's ``normal_`` has a vectorised and a scalar path),
+and chunk seeds keep only 32 bits (mt19937's seeding).
+
+``"philox"`` (``baffle.philox``, specified in ``docs/DIRECTIONS.md``): number i of ε_k is a function of
+(seed, k, i) alone, computed on the buffer's device, with the same float32 bits on every CPU
+capability and on CUDA.
+
+Chunking lets several threads generate one direction at once without changing a single bit of it.
+No global RNG state is touched.
 """
 from __future__ import annotations
 
@@ -108,6 +115,23 @@ def fill_chunk(part: torch.Tensor, chunk_seed: int, distribution: str, generator
     raise AssertionError("unreachable")
 
 
+def fill_span(part: torch.Tensor, seed: int, k: int, start: int, *, distribution: str, stream: str,
+              generator: torch.Generator | None = None, chunk_seed: int | None = None) -> torch.Tensor:
+    """Numbers start .. start+len(part)−1 of ε_k into ``part`` (contiguous 1-D float32).
+
+    "philox": any span, on ``part``'s device. "mt19937": one chunk on the CPU (``start`` a multiple of
+    ``CHUNK_SIZE``, at most ``CHUNK_SIZE`` numbers; ``chunk_seed`` = its ``derive_seed(seed, k, j)``
+    when the caller has it)."""
+    if stream == "philox":
+        return philox.fill(part, seed, k, start, distribution=distribution)
+    check_stream(stream)
+    if start % CHUNK_SIZE or part.numel() > CHUNK_SIZE or part.device.type != "cpu":
+        raise ValueError("an mt19937 span must be one chunk of a direction, on the CPU")
+    if chunk_seed is None:
+        chunk_seed = derive_seed(seed, k, start // CHUNK_SIZE)
+    return fill_chunk(part, chunk_seed, distribution, torch.Generator() if generator is None else generator)
+
+
 def fill_direction(
     out: torch.Tensor,
     seed: int,
@@ -119,19 +143,34 @@ def fill_direction(
 ) -> torch.Tensor:
     """Write ε_k of round ``seed`` into ``out`` (a contiguous float32 vector of length n).
 
-    ``stream="mt19937"`` (default) needs a CPU buffer; ``"philox"`` computes on ``out``'s device and
-    ignores ``generator``."""
+    ``"mt19937"`` (default) draws on the CPU (and copies to ``out``'s device); ``"philox"`` computes on
+    ``out``'s device and ignores ``generator``."""
+    if out.dtype != torch.float32 or out.dim() != 1 or not out.is_contiguous():
+        raise ValueError("fill_direction needs a contiguous 1-D float32 buffer")
     if check_stream(stream) == "philox":
-        if out.dtype != torch.float32 or out.dim() != 1 or not out.is_contiguous():
-            raise ValueError("fill_direction needs a contiguous 1-D float32 buffer")
         return philox.fill(out, seed, k, 0, distribution=check_distribution(distribution))
-    if out.dtype != torch.float32 or out.device.type != "cpu" or out.dim() != 1:
-        raise ValueError("fill_direction needs a 1-D float32 CPU buffer")
     check_distribution(distribution)
+    if out.device.type != "cpu":  # a CPU generator: draw on the CPU, then copy
+        return out.copy_(fill_direction(torch.empty(out.numel()), seed, k, distribution=distribution,
+                                        generator=generator))
     g = torch.Generator() if generator is None else generator
     ranges = chunk_ranges(out.numel())
     for (start, stop), s in zip(ranges, chunk_seeds(seed, k, len(ranges))):
         fill_chunk(out[start:stop], s, distribution, g)
+    return out
+
+
+def fill_rows(out: torch.Tensor, seed: int, ks, *, distribution: str = "gaussian",
+              stream: str = "mt19937") -> torch.Tensor:
+    """Row r of ``out`` (contiguous (R, n) float32, any device) ← ε_{ks[r]}: ``fill_direction`` per row,
+    or for ``"philox"`` all rows in one vectorised pass on ``out``'s device (the same bits)."""
+    if out.dtype != torch.float32 or out.dim() != 2 or not out.is_contiguous():
+        raise ValueError("fill_rows needs a contiguous 2-D float32 buffer")
+    if check_stream(stream) == "philox":
+        return philox.fill_rows(out, seed, list(ks), 0, distribution=check_distribution(distribution))
+    g = torch.Generator()
+    for row, k in zip(out, ks):
+        fill_direction(row, seed, k, distribution=distribution, generator=g)
     return out
 
 

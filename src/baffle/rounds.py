@@ -19,7 +19,7 @@ from torch import nn
 from baffle.client import Batch, LossFn, compute_loss_diffs
 from baffle.estimator import check_estimator_args, num_directions
 from baffle.fast import ClientEngine, FastOptions
-from baffle.perturbation import check_distribution, derive_seed, trainable_parameters
+from baffle.perturbation import check_distribution, check_stream, derive_seed, trainable_parameters
 from baffle.server import (ClientReply, ServerState, aggregate_loss_diffs, average_state, check_reply, client_weights,
                            clip_gradients, combine_gradients, rebuild_gradient_dict)
 
@@ -33,10 +33,12 @@ class EstimatorSpec:
     sigma: float = 1e-4
     scheme: str = "forward"
     distribution: str = "gaussian"
+    stream: str = "mt19937"  # the direction stream (config ``direction_stream``): clients and server share it
 
     def __post_init__(self):
         check_estimator_args(self.num_perturbations, self.sigma, self.scheme)
         check_distribution(self.distribution)
+        check_stream(self.stream)
 
     @property
     def num_directions(self) -> int:
@@ -84,7 +86,7 @@ def client_engine(model: nn.Module, plan: RoundPlan, options: FastOptions = RUNN
     e = plan.estimator
     return ClientEngine(model, seed=plan.client_seed(client_id), num_perturbations=e.num_perturbations,
                         sigma=e.sigma,
-                        scheme=e.scheme, distribution=e.distribution, options=options)
+                        scheme=e.scheme, distribution=e.distribution, options=options, stream=e.stream)
 
 
 def baffle_client_update(model: nn.Module, batches: Sequence[Batch], plan: RoundPlan, loss_fn: LossFn,
@@ -96,7 +98,7 @@ def baffle_client_update(model: nn.Module, batches: Sequence[Batch], plan: Round
     else:
         diffs, loss = compute_loss_diffs(model, list(batches), loss_fn=loss_fn, seed=plan.client_seed(client_id),
                                          num_perturbations=e.num_perturbations, sigma=e.sigma, scheme=e.scheme,
-                                         distribution=e.distribution, return_loss=True)
+                                         distribution=e.distribution, return_loss=True, stream=e.stream)
     return ClientReply(client_id, diffs, sum(len(y) for _, y in batches), loss)
 
 
@@ -139,7 +141,8 @@ def baffle_server_update(state: ServerState, replies: Sequence[ClientReply], pla
 
 
 def _rebuild(model: nn.Module, diffs: torch.Tensor, seed: int, e: EstimatorSpec) -> dict[str, torch.Tensor]:
-    return rebuild_gradient_dict(model, diffs, seed=seed, sigma=e.sigma, scheme=e.scheme, distribution=e.distribution)
+    return rebuild_gradient_dict(model, diffs, seed=seed, sigma=e.sigma, scheme=e.scheme, distribution=e.distribution,
+                                 stream=e.stream)
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, model: nn.Module, grads: dict[str, torch.Tensor]) -> None:
@@ -160,7 +163,8 @@ def baffle_local_training(model: nn.Module, batches: Iterable[Batch], plan: Roun
         seed = plan.step_seed(step, client_id)
         diffs, loss = compute_loss_diffs(model, batch, loss_fn=loss_fn, seed=seed,
                                          num_perturbations=e.num_perturbations, sigma=e.sigma,
-                                         scheme=e.scheme, distribution=e.distribution, return_loss=True)
+                                         scheme=e.scheme, distribution=e.distribution, return_loss=True,
+                                         stream=e.stream)
         grads = _rebuild(model, diffs, seed, e)
         if clip is not None:
             clip_gradients(grads, clip, clip_norm_type)

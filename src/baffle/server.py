@@ -70,13 +70,17 @@ def rebuild_gradient_dict(
     sigma: float,
     scheme: str,
     distribution: str = "gaussian",
+    stream: str = "mt19937",
 ) -> dict[str, torch.Tensor]:
-    """ĝ as {name: tensor} shaped, typed and placed like the model's trainable parameters."""
+    """ĝ as {name: tensor} shaped, typed and placed like the model's trainable parameters (rebuilt on
+    their device: ``estimator.rebuild_flat_gradient``)."""
     named = trainable_parameters(model)
     params = [p for _, p in named]
     dtype = params[0].dtype if params else torch.float32
+    device = params[0].device if params else None
     flat = rebuild_flat_gradient(sum(p.numel() for p in params), loss_diffs, seed=seed, sigma=sigma,
-                                 scheme=scheme, distribution=distribution, dtype=dtype)
+                                 scheme=scheme, distribution=distribution, dtype=dtype, stream=stream,
+                                 device=device)
     return {name: g.to(device=p.device, dtype=p.dtype) for (name, p), g in zip(named, split_like(flat, params))}
 
 

@@ -7,6 +7,7 @@ is what makes ``resume`` bit-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -18,10 +19,11 @@ from baffle import rounds as R
 from baffle.config import TrainConfig
 from baffle.config import FEDAVG_METHODS
 from baffle.data import ArrayDataset, augment_batch, load_dataset, partition_indices
+from baffle.devices import resolve_device
 from baffle.estimator import forward_passes
 from baffle.models import build_model
 from baffle.perturbation import derive_seed, num_trainable, trainable_parameters
-from baffle.fast import FastOptions, choose_memory_format
+from baffle.fast import FastOptions, choose_memory_format, runner_options
 from baffle.server import OptimizerSpec, ServerState, build_optimizer
 
 _INIT_TAG, _SAMPLE_TAG, _ORDER_TAG, _AUGMENT_TAG = 0x1417, 0x5A3F, 0x0BD3, 0xA06E
@@ -159,7 +161,8 @@ def optimizer_spec(config: TrainConfig, rounds_per_epoch: int = 1) -> OptimizerS
 def estimator_spec(config: TrainConfig) -> R.EstimatorSpec | None:
     if config.num_perturbations is None:  # a backprop method
         return None
-    return R.EstimatorSpec(config.num_perturbations, config.sigma, config.scheme, config.distribution)
+    return R.EstimatorSpec(config.num_perturbations, config.sigma, config.scheme, config.distribution,
+                           config.direction_stream)
 
 
 LAYOUTS = {"nchw": None, "channels_last": "channels_last"}
@@ -179,9 +182,11 @@ class Simulation:
                                      val_per_class=c.val_per_class, num_classes=data.num_classes)
         except ValueError as e:
             raise ValueError(f"{_partition_culprit(str(e), c)}: {e}") from None
+        self.device = resolve_device(c.device)  # model, data, directions and rebuild live there
+        data = _on_device(data, self.device)
         self.data, self.validation = data, torch.from_numpy(np.asarray(part.validation, dtype=np.int64))
         self.shards = ClientShards(data.train_inputs, data.train_targets, part.clients, c.seed, c.augment)
-        self.model = build_run_model(c, data)
+        self.model = build_run_model(c, data).to(self.device)  # initialised on the CPU: the same weights
         self.rounds_per_epoch = rounds_per_epoch(c, self.shards)
         spec = optimizer_spec(c, self.rounds_per_epoch)
         self.server = ServerState(self.model, spec)
@@ -213,9 +218,9 @@ class Simulation:
 
     def _client_options(self, batch: R.Batch) -> FastOptions:
         if self.layout is None:  # measured once per run, then recorded in the checkpoint
-            probed = choose_memory_format(self.model, batch, cross_entropy)
-            self.layout = "channels_last" if probed == "channels_last" else "nchw"
-        return FastOptions(mode="sequential", keep_rows=True, memory_format=LAYOUTS[self.layout])
+            probed = choose_memory_format(self.model, batch, cross_entropy) if self.device.type == "cpu" else None
+            self.layout = "channels_last" if probed == "channels_last" else "nchw"  # a GPU batches in NCHW
+        return runner_options(self.device, LAYOUTS[self.layout])
 
     def _baffle_fedsgd(self, clients, plan) -> float:
         c = self.config
@@ -306,6 +311,13 @@ def _partition_culprit(message: str, c: TrainConfig) -> str:
     if c.val_per_class and "val_per_class" in message:
         return f"--clients {c.clients} / --val-per-class {c.val_per_class}"
     return f"--clients {c.clients}"
+
+
+def _on_device(data: ArrayDataset, device: torch.device) -> ArrayDataset:
+    if device.type == "cpu":
+        return data
+    return dataclasses.replace(data, **{f"{split}_{part}": getattr(data, f"{split}_{part}").to(device)
+                                        for split in ("train", "test") for part in ("inputs", "targets")})
 
 
 def _weighted_mean(pairs) -> float:

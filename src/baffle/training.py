@@ -7,8 +7,14 @@ at every evaluation and by the ``checkpoint_every`` cadence).
 
 A checkpoint also records the run's *runtime* settings, which are not part of ``TrainConfig``:
 ``threads`` (changes results in the last bits: a different explicit value is refused on resume) and
-``checkpoint_every`` (changes only speed: a new explicit value is used and recorded). Checkpoints
-written before these were recorded simply lack them: the flag or the default is used.
+``checkpoint_every`` (changes only speed: a new explicit value is used and recorded) and ``device``
+(the resolved ``--device``: cpu or cuda; ``device_name`` the card). Resuming on another device changes
+results by floating-point rounding (other kernels), so it is never silent: ``--device auto`` that
+resolves to another device than the checkpoint's is refused; naming the other device (``--device
+cpu`` for a run computed on cuda) continues there and appends {"round", "from", "to"} to the
+runtime's ``device_switches``. Checkpoints and ``model.pt`` hold CPU tensors (``devices.to_cpu``) and
+load on any machine. Checkpoints written before these were recorded simply lack them: the flag or the
+default is used (such runs computed on the CPU).
 """
 from __future__ import annotations
 
@@ -24,13 +30,14 @@ import torch
 from tqdm.auto import tqdm
 
 from baffle.config import TrainConfig, flag, make_config
+from baffle.devices import device_name, resolve_device, to_cpu
 from baffle.io import check_writable_folder, load_checked, save_checked, save_json, save_jsonl, save_torch
 from baffle.simulation import Simulation
 
 CHECKPOINT, METRICS, SUMMARY, MODEL, CONFIG = "checkpoint.pt", "metrics.jsonl", "summary.json", "model.pt", "config.json"
 ROUNDS = "rounds.jsonl"
 # Keys that may change when a run is resumed (they do not change what the finished rounds computed).
-RESUMABLE_KEYS = frozenset({"rounds", "epochs", "eval_every", "out"})
+RESUMABLE_KEYS = frozenset({"rounds", "epochs", "eval_every", "out", "device"})  # device: see resolve_runtime
 DEFAULT_CHECKPOINT_EVERY, DEFAULT_LOG_EVERY = "5m", "30s"
 _CHECKPOINT_KEYS = {"config": dict, "round": int, "state": dict, "metrics": list, "wall_s": (int, float)}
 
@@ -160,11 +167,12 @@ def _check_compatible(config: TrainConfig, saved: dict) -> None:
     if changed:
         detail = ", ".join(f"{flag(k)} {before[k]!r} -> {now[k]!r}" for k in changed)
         raise ValueError(f"--resume: settings differ from the checkpoint's ({detail}); only --rounds, --epochs, "
-                         "--eval-every and --checkpoint-every may change")
+                         "--eval-every, --checkpoint-every and --device may change")
 
 
-def resolve_runtime(options: RunOptions, stored: dict | None, out: Path) -> dict:
-    """The run's runtime settings: explicit options, else the checkpoint's, else defaults."""
+def resolve_runtime(options: RunOptions, stored: dict | None, out: Path, device: str = "cpu", done: int = 0) -> dict:
+    """The run's runtime settings: explicit options, else the checkpoint's, else defaults; ``device`` is
+    the config's ``--device`` and ``done`` the checkpoint's round (see the module docstring)."""
     stored = stored or {}
     saved_threads = stored.get("threads")
     if not (isinstance(saved_threads, int) and saved_threads >= 1):
@@ -178,7 +186,24 @@ def resolve_runtime(options: RunOptions, stored: dict | None, out: Path) -> dict
     if every is None:
         every = parse_cadence(stored.get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY), "--checkpoint-every")
     return {"threads": options.threads or saved_threads or torch.get_num_threads(),
-            "checkpoint_every": str(every), "torch": str(torch.__version__)}
+            "checkpoint_every": str(every), "torch": str(torch.__version__),
+            **_device_runtime(device, stored if stored else None, out, done)}
+
+
+def _device_runtime(setting: str, stored: dict | None, out: Path, done: int) -> dict:
+    """{"device", "device_name"[, "device_switches"]}; ValueError if ``auto`` would switch devices."""
+    now = resolve_device(setting)
+    saved = None if stored is None else stored.get("device", "cpu")  # recorded since --device exists
+    switches = list((stored or {}).get("device_switches", []))
+    if saved is not None and saved != now.type:
+        if setting == "auto":
+            raise ValueError(f"--device auto: the run in {out} was computed on {saved}, and auto picks {now.type} "
+                             f"on this machine; resume with --device {now.type} to continue on {now.type} (the "
+                             f"rounds after {done} then differ from an uninterrupted run by float rounding), or "
+                             f"where {saved} is available")
+        switches.append({"round": done, "from": saved, "to": now.type})
+    record = {"device": now.type, "device_name": device_name(now)}
+    return {**record, "device_switches": switches} if switches else record
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, options: RunOptions | None = None,
@@ -196,11 +221,16 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, o
         check_fresh_out(out)
     else:
         _check_compatible(config, ckpt["config"])
-    runtime = resolve_runtime(options, ckpt.get("runtime") if ckpt else None, out)
+    runtime = resolve_runtime(options, ckpt.get("runtime") if ckpt else None, out, config.device,
+                              ckpt["round"] if ckpt else 0)
     if ckpt is not None and config.rounds is not None:
         _check_rounds(config, config.rounds, ckpt["round"], out)  # before the data loads, when it can be
     if options.announce:
         print(f"baffle: output folder {out}" + (f" (resuming at round {ckpt['round']})" if ckpt else ""), flush=True)
+        switch = runtime.get("device_switches", [None])[-1]
+        if ckpt and switch and switch["round"] == ckpt["round"]:
+            print(f"baffle: continuing on {switch['to']} a run computed on {switch['from']}: from round "
+                  f"{switch['round']} on, results differ from an uninterrupted run by float rounding", flush=True)
     before = torch.get_num_threads()
     torch.set_num_threads(runtime["threads"])
     try:
@@ -327,14 +357,14 @@ def start_line(sim: Simulation, start: int, runtime: dict) -> str:
     """The config summary and the expected rounds, printed before the first round."""
     c = sim.config
     method = c.method if c.num_perturbations is None else (
-        f"{c.method} (K={c.num_perturbations}, {c.scheme}, {c.perturbations})")
+        f"{c.method} (K={c.num_perturbations}, {c.scheme}, {c.perturbations}, {c.direction_stream} directions)")
     epochs = sim.rounds / sim.rounds_per_epoch
     length = (f"{sim.rounds} rounds (= {epochs:.4g} epoch{'' if epochs == 1 else 's'} × {sim.rounds_per_epoch} rounds)"
               + (f", resuming after round {start}" if start else ""))
     return (f"baffle: {c.dataset}, {c.model_name} ({sim.num_parameters:,} parameters), {c.clients} clients "
             f"{c.partition}, {method}, {c.optimizer} lr {c.lr:g}, batch {c.batch_size}, seed {c.seed}; {length}; "
             f"evaluation every {sim.eval_every} rounds, checkpoint every {runtime['checkpoint_every']}, "
-            f"threads {runtime['threads']}")
+            f"threads {runtime['threads']}, device {runtime.get('device_name', 'cpu')}")
 
 
 class Display:
@@ -382,7 +412,7 @@ def _duration(seconds: float) -> str:
 def write_checkpoint(sim: Simulation, out: Path, metrics: list, done: int, wall_s: float, *,
                      runtime: dict | None = None) -> None:
     """Atomically write everything needed to continue after round ``done`` (with a checksum)."""
-    ckpt = {"config": sim.config.to_dict(), "round": done, "state": sim.state_dict(), "metrics": metrics,
+    ckpt = {"config": sim.config.to_dict(), "round": done, "state": to_cpu(sim.state_dict()), "metrics": metrics,
             "wall_s": wall_s}
     if runtime is not None:
         ckpt["runtime"] = runtime
@@ -416,7 +446,7 @@ def best_validation(metrics: list[dict]) -> dict:
 
 def finish_run(sim: Simulation, out: Path, metrics: list, wall_s: float, *, runtime: dict | None = None) -> dict:
     last = metrics[-1]
-    save_torch(sim.server.eval_model().state_dict(), out / MODEL)
+    save_torch(to_cpu(sim.server.eval_model().state_dict()), out / MODEL)
     summary = {
         "final_test_accuracy": last["test_accuracy"],
         "final_test_loss": last["test_loss"],

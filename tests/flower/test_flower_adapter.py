@@ -63,6 +63,11 @@ def test_run_config_refuses_unknown_keys_naming_them():
 def test_round_plan_and_reply_survive_the_wire_losslessly():
     plan = R.plan_round(3, 9, R.EstimatorSpec(num_perturbations=5, sigma=1e-4, scheme="central"))
     assert wire.plan_from_config(wire.plan_to_config(plan)) == plan
+    philox = R.plan_round(3, 9, R.EstimatorSpec(num_perturbations=5, sigma=1e-4, stream="philox"))
+    assert wire.plan_from_config(wire.plan_to_config(philox)).estimator.stream == "philox"
+    old = wire.plan_to_config(plan)
+    del old["direction-stream"]  # a server from before the key: the mt19937 stream it used
+    assert wire.plan_from_config(old) == plan
     diffs = torch.randn(5, dtype=torch.float64) * 1e-7
     content = wire.reply_content(_reply(diffs, 33), partition_id=2)
     partition, reply = wire.reply_from_content(content, node_id=17)

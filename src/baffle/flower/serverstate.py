@@ -35,6 +35,9 @@ def check_flower_config(config: TrainConfig) -> None:
         raise ValueError(f"--method {config.method}: not available on Flower (only {', '.join(FLOWER_METHODS)}: the "
                          "epoch-level and backprop methods keep per-client optimizers or send weights/gradients, "
                          "which the Flower adapter does not implement); run it in-process with `baffle train`")
+    if config.device != "cpu":
+        raise ValueError(f"--device {config.device}: not available on Flower (its clients and server compute on "
+                         "the CPU); use cpu, or run on a GPU in-process with `baffle train --device`")
     if config.memory_format == "channels_last":
         raise ValueError("--memory-format channels_last: not available on Flower (its clients compute in NCHW); "
                          "use nchw")

@@ -9,6 +9,7 @@ Server → node, message type ``train``, ``RecordDict``:
       sigma               float  σ
       scheme              str    forward | central | twice-fd
       distribution        str    gaussian | rademacher
+      direction-stream    str    mt19937 | philox (absent: mt19937, as sent before it existed)
       perturbations       str    shared | per-client
       batches-taken       int    batches this partition has taken before round t (the number of
                                  earlier rounds that sampled it): the node derives its batch from
@@ -56,7 +57,7 @@ def plan_to_config(plan: RoundPlan, batches_taken: int = 0) -> ConfigRecord:
     e = plan.estimator
     return ConfigRecord({"server-round": plan.server_round, "seed": plan.seed,
                          "num-perturbations": e.num_perturbations, "sigma": float(e.sigma),
-                         "scheme": e.scheme, "distribution": e.distribution,
+                         "scheme": e.scheme, "distribution": e.distribution, "direction-stream": e.stream,
                          "perturbations": plan.perturbations, BATCHES_TAKEN: int(batches_taken)})
 
 
@@ -71,7 +72,7 @@ def batches_taken_from_config(config: ConfigRecord) -> int:
 def plan_from_config(config: ConfigRecord) -> RoundPlan:
     try:
         spec = EstimatorSpec(int(config["num-perturbations"]), float(config["sigma"]), str(config["scheme"]),
-                             str(config["distribution"]))
+                             str(config["distribution"]), str(config.get("direction-stream", "mt19937")))
         return RoundPlan(int(config["server-round"]), int(config["seed"]), spec,
                          str(config.get("perturbations", "shared")))
     except KeyError as e:
