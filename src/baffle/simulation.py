@@ -294,7 +294,8 @@ class Simulation:
                                                 seed=self.config.seed, malicious=self.malicious,
                                                 drop_before_masking=before, drop_after_masking=after)
         except (SecAggError, ValueError) as e:
-            raise R.RoundFailed(f"round {done}: {e}") from None
+            text = str(e) if str(e).startswith(f"round {done}:") else f"round {done}: {e}"
+            raise R.RoundFailed(text) from None
         if spec.secure_aggregation:
             wire = secure_round_bytes(len(ids), num_payload_entries(self.estimator.num_directions, spec),
                                       len(before), len(after))
