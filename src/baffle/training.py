@@ -444,11 +444,18 @@ def write_checkpoint(sim: Simulation, out: Path, metrics: list, done: int, wall_
     save_checked(ckpt, out / CHECKPOINT)
 
 
+def privacy_metrics(sim) -> dict:
+    """``sim.privacy_metrics()`` ({"epsilon": ...} with DP); {} for a runner without the protection options
+    (the Flower server, which refuses them)."""
+    method = getattr(sim, "privacy_metrics", None)
+    return method() if method is not None else {}
+
+
 def record_evaluation(sim: Simulation, out: Path, metrics: list, done: int, info: dict, wall_s: float, *,
                       runtime: dict | None = None) -> dict:
     """Evaluate, checkpoint atomically, then append the metrics line (resume rewrites it if cut off)."""
     rec = {"round": done, "epoch": done / sim.rounds_per_epoch, **sim.evaluate(), **info, **vars(sim.counters),
-           **sim.privacy_metrics(), "wall_s": wall_s,
+           **privacy_metrics(sim), "wall_s": wall_s,
            "lr": sim.server.optimizer.param_groups[0]["lr"]}
     metrics.append(rec)
     write_checkpoint(sim, out, metrics, done, wall_s, runtime=runtime)
