@@ -144,3 +144,92 @@ def test_a_combined_vector_steps_the_model_exactly_as_the_plain_sum_does():
     assert not torch.equal(plain, _server_step(lambda replies: 2 * aggregate_loss_diffs(replies, K)))
     with pytest.raises(ValueError, match="client-scope"):
         _server_step(lambda replies: aggregate_loss_diffs(replies, K), clip_scope="client")
+
+
+def _raw_size(value) -> int:
+    """Bytes of a message with every integer (and an unset degree) as 8 bytes: the oracle for
+    ``secure_round_bytes``, summed over the messages a real round exchanges."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value):
+        return sum(_raw_size(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, bytes):
+        return len(value)
+    if isinstance(value, (tuple, list)):
+        return sum(_raw_size(v) for v in value)
+    assert value is None or isinstance(value, int), type(value)
+    return 8
+
+
+@pytest.mark.parametrize("dropped, silent", [((), ()), ((1,), (3,))])
+def test_secure_round_bytes_counts_the_fields_of_a_real_round(dropped, silent):
+    import os
+
+    from baffle.protection import secure_round_bytes
+    from baffle.secure import (SecAggConfig, client_advertise, client_mask, client_share_keys, client_unmask,
+                               server_collect_keys, server_collect_masked, server_route_shares, server_unmask)
+
+    m, n = 5, K + 1
+    cfg = SecAggConfig(server_round=1, vector_length=n, threshold=3, max_clients=m, session=b"01234567")
+    up = down = 0
+    states, adverts = {}, []
+    for u in range(m):
+        states[u], a = client_advertise(cfg, u, os.urandom)
+        adverts.append(a)
+        up, down = up + _raw_size(a), down + _raw_size(cfg)
+    server, casts = server_collect_keys(cfg, adverts)
+    outs = []
+    for u in range(m):
+        states[u], o = client_share_keys(states[u], casts[u], os.urandom)
+        outs.append(o)
+        up, down = up + _raw_size(o), down + _raw_size(casts[u])
+    server, inboxes = server_route_shares(server, outs)
+    masked = []
+    for u in range(m):
+        down += _raw_size(inboxes[u])
+        if u not in dropped:
+            states[u], y = client_mask(states[u], inboxes[u], torch.zeros(n, dtype=torch.float64))
+            masked.append(y)
+            up += _raw_size(y)
+    server, request = server_collect_masked(server, masked)
+    responses = []
+    for u in request.survivors:
+        down += _raw_size(request)
+        if u not in silent:
+            states[u], r = client_unmask(states[u], request)
+            responses.append(r)
+            up += _raw_size(r)
+    server_unmask(server, responses)
+    got = secure_round_bytes(m, n, len(dropped), len(silent))
+    assert (got["bytes_up"], got["bytes_down"]) == (up, down)
+
+
+def test_privacy_ledger_composes_recorded_and_planned_rounds():
+    from baffle.protection import PrivacyLedger
+    from baffle.secure.dp import epsilon_of_rounds
+
+    spec = DPSpec(clip=1.0, noise_multiplier=1.5, delta=1e-5, target_epsilon=None)
+    ledger = PrivacyLedger(spec, 0.5)
+    assert ledger.epsilon() == 0.0 and ledger.nominal
+    for z in (1.5, 1.5, 1.2, 1.5):
+        ledger.record(z)
+    assert ledger.runs == [[0.5, 1.5, 2], [0.5, 1.2, 1], [0.5, 1.5, 1]] and ledger.rounds == 4 and not ledger.nominal
+    history = [(0.5, 1.5)] * 2 + [(0.5, 1.2)] + [(0.5, 1.5)] * 4
+    assert ledger.epsilon(3) == epsilon_of_rounds(history, 1e-5)
+    copy = PrivacyLedger(spec, 0.5)
+    copy.load_state_dict(ledger.state_dict())
+    assert copy.runs == ledger.runs
+    with pytest.raises(ValueError, match="sampling rate"):
+        PrivacyLedger(spec, 0.25).load_state_dict(ledger.state_dict())
+
+
+def test_rounds_within_is_the_largest_count_under_the_target():
+    from baffle.protection import PrivacyLedger
+    from baffle.secure.dp import compute_epsilon
+
+    ledger = PrivacyLedger(DPSpec(clip=1.0, noise_multiplier=2.0), 1.0)
+    ledger.record(2.0)
+    e = [compute_epsilon(1.0, 2.0, t, 1e-5) for t in (6, 7)]
+    assert ledger.rounds_within((e[0] + e[1]) / 2, upper=50) == 5  # 1 recorded + 5 planned = 6 rounds fit
+    assert ledger.rounds_within(1e9, upper=50) == 50
+    assert ledger.rounds_within(compute_epsilon(1.0, 2.0, 1, 1e-5) / 2, upper=50) == -1  # already over

@@ -58,6 +58,17 @@ HELP = {
     "ema_decay": "EMA of the weights used for evaluation and model.pt, e.g. 0.995; 'none' disables",
     "ema_ramp": "true: torch_ema's decay min(decay, (1+t)/(10+t)) at update t (as published)",
     "ema_every": "round, epoch (one EMA update per epoch, as published)",
+    "secure_aggregation": "true: the server learns only the sum of the round's K-vectors (masking protocol with "
+                          "dropout recovery; docs/PRIVACY.md); needs --perturbations shared and --aggregator mean",
+    "secagg_threshold": "t: share holders that must answer for a round to complete, in [2, m] (m clients a round); "
+                        "more than m - t dropouts fail the round",
+    "dp_clip": "client-level DP: clip each client's ΔL to this L2 norm and add N(0, (z·dp_clip)²) to the sum; needs "
+               "--client-weights equal and --dp-noise-multiplier",
+    "dp_noise_multiplier": "z of client-level DP (> 0); ε is in metrics.jsonl and summary.json",
+    "dp_delta": "δ of the (ε, δ) guarantee; take it below 1/clients",
+    "dp_target_epsilon": "refuse to start (or extend) a run whose planned rounds would spend more than this ε",
+    "aggregator": "mean, median, trimmed-mean:F, krum:F, norm-bound:B (robust ones see every client's vector)",
+    "attack": "robustness harness, F malicious clients: sign-flip:F[:S], scaling:F[:S], gaussian:F[:S], label-flip:F",
     "memory_format": "auto (probed once per run and recorded), nchw, channels_last",
     "device": "cpu, cuda, auto (cuda if available, else cpu): where the model, client data, directions and "
               "server rebuild live. Recorded in the checkpoint: --resume keeps it; another device only "
@@ -75,6 +86,9 @@ DEFAULT_TEXT = {
     "rounds": "epochs × rounds per epoch", "eval_every": "once per epoch", "ema_decay": "none (off)",
     "clip_scope": "server (FedSGD), client (epoch-level methods); with --clip",
     "out": "runs/<time>-<dataset>-<model>-<method> (a new folder per run)",
+    "secagg_threshold": "a majority of a round's m clients, ⌊m/2⌋ + 1 (with --secure-aggregation true)",
+    "dp_clip": "none (off; baffle)", "dp_noise_multiplier": "none: required with --dp-clip",
+    "dp_target_epsilon": "none (with --dp-clip)",
 }
 MAX_THREADS = 1024
 # Flags that are not TrainConfig keys: (meaning, default).
@@ -192,7 +206,13 @@ def _train(args: argparse.Namespace) -> int:
     if out is None:
         config = make_config(base, file_layer, flags, {"out": fresh_out(config)})
     args.resolved_out = config.out
-    summary = train(config, resume=args.resume, progress=not args.no_progress, options=options, checkpoint=ckpt)
+    from baffle.rounds import RoundFailed
+
+    try:
+        summary = train(config, resume=args.resume, progress=not args.no_progress, options=options, checkpoint=ckpt)
+    except RoundFailed as e:  # a round could not complete; what was written before it is intact
+        print(f"baffle: error: {_one_line(e)}", file=sys.stderr)
+        return 1
     print(f"final test accuracy {summary['final_test_accuracy']:.4f} after {summary['rounds']} rounds "
           f"in {summary['wall_s']:.1f} s; outputs in {config.out}", flush=True)
     return 0

@@ -67,6 +67,15 @@ class TrainConfig:
     ema_decay: float | None = None
     ema_ramp: bool | None = None  # torch_ema's decay_t = min(decay, (1 + t) / (10 + t))
     ema_every: str | None = None  # round, epoch
+    # What the server may learn of the clients' K-vectors (method "baffle" only; docs/PRIVACY.md).
+    secure_aggregation: bool | None = None
+    secagg_threshold: int | None = None  # None: a majority of the round's clients, ⌊m/2⌋ + 1
+    dp_clip: float | None = None  # L2 bound on each client's ΔL; turns client-level DP on
+    dp_noise_multiplier: float | None = None  # z: noise N(0, (z·dp_clip)²) on the sum
+    dp_delta: float | None = None
+    dp_target_epsilon: float | None = None
+    aggregator: str | None = None  # mean, median, trimmed-mean:F, krum:F, norm-bound:B
+    attack: str | None = None  # KIND:F[:STRENGTH] (baffle.secure.attacks): the robustness harness
     memory_format: str = "auto"  # auto (probed once per run, recorded), nchw, channels_last
     device: str = "cpu"  # cpu, cuda, auto: a runtime setting (baffle.devices; training.py stores it)
     eval_every: int | None = None  # None: once per epoch (and always after the last round)
@@ -147,6 +156,9 @@ APPLIES = {
     "schedule_unit": ("round", FEDSGD_METHODS), "warmup": (0, FEDSGD_METHODS),
     "warmup_lr": (None, FEDSGD_METHODS), "lr_milestones": ((), FEDSGD_METHODS),
     "lr_gamma": (0.1, FEDSGD_METHODS), "clip": (None, ("baffle", "baffle-fedavg", "bp-fedsgd")),
+    # they act on the K-vectors of a FedSGD round: the other methods send weights or gradients
+    "secure_aggregation": (False, ("baffle",)), "dp_clip": (None, ("baffle",)),
+    "aggregator": ("mean", ("baffle",)), "attack": (None, ("baffle",)),
 }
 # field -> (default, the (field, value) that makes it apply, why)
 REQUIRES = {
@@ -157,6 +169,10 @@ REQUIRES = {
     "ema_every": ("round", ("ema_decay", ...), "it needs --ema-decay"),
     "clip_norm_type": (math.inf, ("clip", ...), "it needs --clip"),
     "clip_scope": ("server", ("clip", ...), "it needs --clip"),
+    "secagg_threshold": (None, ("secure_aggregation", True), "it needs --secure-aggregation true"),
+    "dp_noise_multiplier": (None, ("dp_clip", ...), "it needs --dp-clip"),
+    "dp_delta": (1e-5, ("dp_clip", ...), "it needs --dp-clip"),
+    "dp_target_epsilon": (None, ("dp_clip", ...), "it needs --dp-clip"),
 }
 
 
@@ -214,6 +230,7 @@ def _check_ranges(c: TrainConfig) -> None:
         _fail("clip_scope", f"method {c.method!r} clips each local step's estimate: use 'client'")
     if c.nesterov and not c.momentum:
         _fail("nesterov", "needs --momentum > 0")
+    _check_protection(c)
 
 
 def _check_sizes(c: TrainConfig) -> None:
@@ -229,6 +246,100 @@ def _check_sizes(c: TrainConfig) -> None:
     for name in ("out", "data_dir"):
         if "\0" in (getattr(c, name) or ""):
             _fail(name, "contains a NUL character")
+
+
+def sampled_clients(c: TrainConfig) -> int:
+    """m = max(1, round(fraction · clients)): the clients of every round (``simulation.sample_clients``)."""
+    return max(1, round(c.fraction * c.clients))
+
+
+def _check_protection(c: TrainConfig) -> None:
+    """Ranges and combinations of the protection keys (all unset outside method "baffle")."""
+    if c.method != "baffle":
+        return
+    _check_dp(c)
+    aggregator, attack = _parse_protection(c)
+    if c.secure_aggregation:
+        _check_secure_aggregation(c, aggregator)
+    if c.dp_clip is not None and aggregator.name != "mean":
+        _fail("aggregator", f"{c.aggregator!r} with --dp-clip: DP is calibrated for the sum of clipped vectors; "
+                            "use --aggregator mean")
+    combined = [n for n, on in (("secure_aggregation", c.secure_aggregation), ("dp_clip", c.dp_clip is not None),
+                                ("aggregator", aggregator.name != "mean"),
+                                ("attack", attack is not None and not attack.is_data_attack)) if on]
+    if combined and c.perturbations == "per-client":
+        _fail(combined[0], "needs --perturbations shared: with per-client perturbations each client's vector is "
+                           "rebuilt with its own directions, so the vectors cannot be summed or compared")
+    if combined and c.clip_scope == "client":
+        _fail(combined[0], "cannot be combined with --clip-scope client (clipping each client's estimate needs its "
+                           "own vector); use --clip-scope server")
+    _check_robust_sizes(c, aggregator, attack)
+
+
+_PLAIN_MEAN = types.SimpleNamespace(name="mean", param=None)
+
+
+def _parse_protection(c: TrainConfig):
+    """(AggregatorSpec or the plain mean, AttackSpec | None); the aggregator is stored in its canonical
+    spelling. baffle.secure loads the cryptography package: imported only when these keys are set."""
+    aggregator, attack = _PLAIN_MEAN, None
+    if c.aggregator != "mean" or c.attack is not None:
+        from baffle.secure.attacks import parse_attack
+        from baffle.secure.robust import parse_aggregator
+
+        try:
+            aggregator = parse_aggregator(c.aggregator)
+        except ValueError as e:
+            _fail("aggregator", str(e))
+        try:
+            attack = None if c.attack is None else parse_attack(c.attack)
+        except ValueError as e:
+            _fail("attack", str(e))
+        object.__setattr__(c, "aggregator", str(aggregator))
+    return aggregator, attack
+
+
+def _check_dp(c: TrainConfig) -> None:
+    if c.dp_clip is None:
+        return
+    if not (c.dp_clip > 0 and math.isfinite(c.dp_clip)):
+        _fail("dp_clip", f"must be a finite number > 0 (an L2 bound on each client's ΔL), got {c.dp_clip}")
+    z = c.dp_noise_multiplier
+    if z is None:
+        _fail("dp_clip", "also set --dp-noise-multiplier z (the noise on the sum has std z · dp_clip), e.g. 1.0")
+    if not (z > 0 and math.isfinite(z)):
+        _fail("dp_noise_multiplier", f"must be a finite number > 0, got {z} (without noise there is no privacy; "
+                                     "to bound vectors without noise use --aggregator norm-bound:B)")
+    if not 0 < c.dp_delta < 1:
+        _fail("dp_delta", f"must be in (0, 1), e.g. below 1/clients; got {c.dp_delta}")
+    if c.dp_target_epsilon is not None and not (c.dp_target_epsilon > 0 and math.isfinite(c.dp_target_epsilon)):
+        _fail("dp_target_epsilon", f"must be a finite number > 0, got {c.dp_target_epsilon}")
+    if c.client_weights != "equal":
+        _fail("dp_clip", f"client-level DP sums unweighted clipped vectors (sensitivity dp_clip); --client-weights "
+                         f"{c.client_weights} would scale a client's influence: set --client-weights equal")
+
+
+def _check_secure_aggregation(c: TrainConfig, aggregator) -> None:
+    m = sampled_clients(c)
+    if aggregator.name != "mean":
+        _fail("aggregator", f"{c.aggregator!r} needs every client's vector, which --secure-aggregation hides; use "
+                            "--aggregator mean or --secure-aggregation false")
+    if m < 2:
+        _fail("secure_aggregation", f"needs at least 2 clients per round, got {m} (--clients {c.clients} × "
+                                    f"--fraction {c.fraction:g}); raise --clients or --fraction")
+    t = c.secagg_threshold
+    if t is not None and not 2 <= t <= m:
+        _fail("secagg_threshold", f"must be between 2 and the {m} clients of a round, got {t}")
+
+
+def _check_robust_sizes(c: TrainConfig, aggregator, attack) -> None:
+    m = sampled_clients(c)
+    need = {"trimmed-mean": 2 * (aggregator.param or 0) + 1, "krum": 2 * (aggregator.param or 0) + 3}
+    if aggregator.name in need and m < need[aggregator.name]:
+        _fail("aggregator", f"{c.aggregator!r} needs at least {need[aggregator.name]} clients per round, got {m} "
+                            f"(--clients {c.clients} × --fraction {c.fraction:g})")
+    if attack is not None and attack.num_malicious >= c.clients:
+        _fail("attack", f"{c.attack!r}: F = {attack.num_malicious} malicious clients of {c.clients}; use F < --clients")
 
 
 MAX_SEED = 2**63 - 1  # seeds are mixed as 64-bit words; TOML integers are 64-bit
@@ -311,4 +422,5 @@ def make_config(*layers: dict) -> TrainConfig:
     return TrainConfig(**merged)
 
 
-__all__ = ["APPLIES", "BAFFLE_METHODS", "FEDAVG_METHODS", "FEDSGD_METHODS", "FIELDS", "METHODS", "TrainConfig", "flag", "load_toml", "make_config", "normalise_keys"]
+__all__ = ["APPLIES", "BAFFLE_METHODS", "FEDAVG_METHODS", "FEDSGD_METHODS", "FIELDS", "METHODS", "TrainConfig", "flag",
+           "load_toml", "make_config", "normalise_keys", "sampled_clients"]

@@ -25,7 +25,8 @@ import torch
 from baffle.perturbation import derive_seed
 from baffle.secure import SecAggConfig, secure_sum, weighted_mean, weighted_payload
 from baffle.secure.attacks import AttackSpec, apply_attack, choose_malicious, flip_labels, parse_attack
-from baffle.secure.dp import DPSpec, clip_l2, effective_noise_multiplier, gaussian_noise, privatize_client
+from baffle.secure.dp import (DPSpec, clip_l2, effective_noise_multiplier, epsilon_of_rounds, gaussian_noise,
+                              privatize_client)
 from baffle.secure.robust import aggregate_vectors, parse_aggregator
 from baffle.server import ClientReply, aggregate_loss_diffs, check_reply, client_weights
 
@@ -61,6 +62,14 @@ class ProtectionSpec:
     @property
     def attack_spec(self) -> AttackSpec | None:
         return None if self.attack is None else parse_attack(self.attack)
+
+    @property
+    def replaces_sum(self) -> bool:
+        """Whether ``combine_loss_diffs`` forms the round's vector (secure aggregation, DP, a robust
+        aggregator or an attack on the vectors); a label-flip attack alone changes only the data."""
+        attack = self.attack_spec
+        return (self.secure_aggregation or self.dp is not None or self.aggregator != "mean"
+                or (attack is not None and not attack.is_data_attack))
 
 
 def malicious_clients(spec: ProtectionSpec, num_clients: int, seed: int) -> tuple[int, ...]:
@@ -147,9 +156,83 @@ def quantization_bound(num_clients: int, spec: ProtectionSpec) -> float:
     return num_clients * 2.0 ** -spec.secagg_frac_bits / 2
 
 
+class PrivacyLedger:
+    """The rounds a DP run has spent, run-length encoded as [q, z, count] (z: the effective multiplier,
+    lower than the configured one in a round whose secure sum lost clients before masking), and ε."""
+
+    def __init__(self, spec: DPSpec, sampling_rate: float):
+        self.spec, self.sampling_rate, self.runs = spec, float(sampling_rate), []
+
+    def record(self, noise_multiplier: float) -> None:
+        q, z = self.sampling_rate, float(noise_multiplier)
+        if self.runs and self.runs[-1][:2] == [q, z]:
+            self.runs[-1][2] += 1
+        else:
+            self.runs.append([q, z, 1])
+
+    @property
+    def rounds(self) -> int:
+        return sum(n for _, _, n in self.runs)
+
+    @property
+    def nominal(self) -> bool:
+        """Every round so far carried the configured noise."""
+        return all(z == self.spec.noise_multiplier for _, z, _ in self.runs)
+
+    def epsilon(self, more_rounds: int = 0) -> float:
+        """ε after the recorded rounds and ``more_rounds`` planned ones at the configured noise."""
+        spent = [(q, z) for q, z, n in self.runs for _ in range(n)]
+        planned = [(self.sampling_rate, self.spec.noise_multiplier)] * more_rounds
+        return epsilon_of_rounds(spent + planned, self.spec.delta, self.spec.accountant)
+
+    def rounds_within(self, target: float, upper: int) -> int:
+        """The most planned rounds (≤ ``upper``) after the recorded ones that keep ε ≤ ``target``
+        (bisection: ε grows with every round)."""
+        lo, hi = 0, upper
+        if self.epsilon() > target:
+            return -1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.epsilon(mid) <= target else (lo, mid - 1)
+        return lo
+
+    def state_dict(self) -> dict:
+        return {"sampling_rate": self.sampling_rate, "runs": [list(r) for r in self.runs]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if float(state["sampling_rate"]) != self.sampling_rate:
+            raise ValueError(f"the privacy ledger was kept at sampling rate {state['sampling_rate']}, this run "
+                             f"samples at {self.sampling_rate}")
+        self.runs = [[float(q), float(z), int(n)] for q, z, n in state["runs"]]
+
+
+# Raw sizes of the secure-aggregation messages, every integer field as 8 bytes (``baffle.secure.messages``).
+_ID, _KEY, _SHARE, _TAG = 8, 32, 66, 16
+_SEALED = 2 * _ID + (2 * _ID + 2 * _SHARE + _TAG)  # EncryptedShares: sender, receiver, AE(ids ‖ 2 shares)
+_CONFIG = 8 * _ID + 8  # SecAggConfig: eight integers and an 8-byte session
+
+
+def secure_round_bytes(num_clients: int, vector_length: int, dropped_before_masking: int = 0,
+                       silent_after_masking: int = 0) -> dict:
+    """Bytes (all clients together) and messages per client of one secure-aggregation round on the
+    complete graph, from the protocol's fields: m clients advertise and share keys, m − d mask,
+    m − d − s answer the unmask request (d dropped before masking, s after)."""
+    m, d, s, n = num_clients, dropped_before_masking, silent_after_masking, vector_length
+    masked, answering = m - d, m - d - s
+    up = (m * (_ID + 2 * _KEY)  # KeysAdvert
+          + m * (_ID + _KEY + (m - 1) * _SEALED)  # SharesOut: commitment and one sealed pair per neighbour
+          + masked * (_ID + 8 * n)  # MaskedInput
+          + answering * (_ID + m * (_ID + _SHARE)))  # UnmaskResponse: one share per client that shared keys
+    down = (m * _CONFIG
+            + m * (_ID + m * _ID + (m - 1) * (_ID + 2 * _KEY))  # KeysBroadcast
+            + m * (2 * _ID + (m - 1) * _SEALED)  # SharesIn
+            + masked * (_ID + masked * _ID + d * _ID))  # UnmaskRequest: survivors and dropped ids
+    return {"bytes_up": up, "bytes_down": down, "messages_up": 4, "messages_down": 4}
+
+
 def _generator(*words: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*words))
 
 
-__all__ = ["ProtectionSpec", "combine_loss_diffs", "malicious_clients", "flip_malicious_labels",
-           "num_payload_entries", "quantization_bound"]
+__all__ = ["PrivacyLedger", "ProtectionSpec", "combine_loss_diffs", "malicious_clients", "flip_malicious_labels",
+           "num_payload_entries", "quantization_bound", "secure_round_bytes"]

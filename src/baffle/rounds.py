@@ -27,6 +27,11 @@ _ROUND_TAG, _CLIENT_TAG = 0x5EED, 0xC11E
 PERTURBATIONS = ("shared", "per-client")
 
 
+class RoundFailed(RuntimeError):
+    """A round could not be completed (e.g. too many clients dropped out of secure aggregation); it
+    is raised before the server step, so the model and everything already written are unchanged."""
+
+
 @dataclass(frozen=True)
 class EstimatorSpec:
     num_perturbations: int = 100

@@ -16,8 +16,7 @@ import torch
 from torch.nn.functional import cross_entropy
 
 from baffle import rounds as R
-from baffle.config import TrainConfig
-from baffle.config import FEDAVG_METHODS
+from baffle.config import FEDAVG_METHODS, TrainConfig, sampled_clients
 from baffle.data import ArrayDataset, augment_batch, load_dataset, partition_indices
 from baffle.devices import resolve_device
 from baffle.estimator import forward_passes
@@ -165,13 +164,31 @@ def estimator_spec(config: TrainConfig) -> R.EstimatorSpec | None:
                            config.direction_stream)
 
 
+def protection_spec(config: TrainConfig):
+    """The run's ``baffle.protection.ProtectionSpec``, or None when every protection key is off."""
+    c = config
+    if c.method != "baffle" or not (c.secure_aggregation or c.dp_clip is not None or c.aggregator != "mean"
+                                    or c.attack is not None):
+        return None
+    from baffle.protection import ProtectionSpec  # loads the cryptography package: only when asked for
+    from baffle.secure.dp import DPSpec
+
+    dp = None if c.dp_clip is None else DPSpec(c.dp_clip, c.dp_noise_multiplier, c.dp_delta, c.dp_target_epsilon)
+    return ProtectionSpec(secure_aggregation=bool(c.secure_aggregation), secagg_threshold=c.secagg_threshold,
+                          dp=dp, aggregator=c.aggregator, attack=c.attack)
+
+
 LAYOUTS = {"nchw": None, "channels_last": "channels_last"}
 
 
 class Simulation:
-    """Everything a run holds between rounds; ``run_round`` advances it by one server round."""
+    """Everything a run holds between rounds; ``run_round`` advances it by one server round.
 
-    def __init__(self, config: TrainConfig):
+    ``secagg_dropouts(server_round, client_ids) -> (dropped before masking, silent after masking)``
+    injects secure-aggregation dropouts (tests, benchmarks); in-process, clients never drop out otherwise.
+    """
+
+    def __init__(self, config: TrainConfig, *, secagg_dropouts=None):
         self.config = c = config
         data = load_dataset(c.dataset, c.data_dir, image_size=c.image_size, normalize=c.normalize)
         if c.clients > len(data.train_targets):  # refused before partitioning allocates per-client lists
@@ -200,6 +217,21 @@ class Simulation:
         self.rounds = c.rounds or math.ceil(c.epochs * self.rounds_per_epoch)
         self.eval_every = c.eval_every or self.rounds_per_epoch
         self.layout = None if c.memory_format == "auto" else c.memory_format  # "auto": probed in round 1
+        self._init_protection(secagg_dropouts)
+
+    def _init_protection(self, secagg_dropouts) -> None:
+        c = self.config
+        self.protection, self.malicious, self.ledger = protection_spec(c), (), None
+        self.secagg_dropouts = secagg_dropouts
+        if self.protection is None:
+            return
+        from baffle.protection import PrivacyLedger, malicious_clients
+
+        self.malicious = malicious_clients(self.protection, len(self.shards), c.seed)
+        attack = self.protection.attack_spec
+        self.label_flip = attack is not None and attack.is_data_attack
+        if self.protection.dp is not None:
+            self.ledger = PrivacyLedger(self.protection.dp, sampled_clients(c) / c.clients)
 
     def run_round(self, server_round: int) -> dict:
         """One server round of the configured method; returns round telemetry."""
@@ -208,9 +240,10 @@ class Simulation:
         plan = None if self.estimator is None else R.plan_round(c.seed, server_round, self.estimator, c.perturbations)
         step = {"baffle": self._baffle_fedsgd, "bp-fedsgd": self._bp_fedsgd}.get(c.method, self._fedavg)
         self._ema_now = self.ema_due(server_round)
+        self._protection_info = {}
         loss = step(clients, plan)
         self.counters.bytes_down += len(clients) * (self.model_bytes + 32)  # weights + round plan
-        return {"clients": len(clients), "train_loss": loss}
+        return {"clients": len(clients), "train_loss": loss, **self._protection_info}
 
     def ema_due(self, server_round: int) -> bool:
         """Whether the EMA is updated after ``server_round`` (every round, or at the end of each epoch)."""
@@ -224,16 +257,75 @@ class Simulation:
 
     def _baffle_fedsgd(self, clients, plan) -> float:
         c = self.config
-        batches = {cid: self.shards.next_batch(cid, c.batch_size) for cid in clients}
+        batches = {cid: self.client_batch(cid) for cid in clients}
         options = self._client_options(batches[clients[0]])
         engine = R.client_engine(self.model, plan, options) if plan.perturbations == "shared" else None
         replies = [R.baffle_client_update(self.model, [batches[cid]], plan, cross_entropy, cid,
                                           engine or R.client_engine(self.model, plan, options, cid))
                    for cid in clients]
-        R.baffle_server_update(self.server, replies, plan, weighting=c.client_weights, update_ema=self._ema_now)
+        combined = self._combine(replies, plan)
+        R.baffle_server_update(self.server, replies, plan, weighting=c.client_weights, update_ema=self._ema_now,
+                               combined=combined)
         self.counters.forward_passes += len(replies) * forward_passes(c.num_perturbations, c.scheme)
-        self.counters.bytes_up += len(replies) * 8 * (self.estimator.num_directions + 2)
+        if not (self.protection and self.protection.secure_aggregation):  # else counted by _combine
+            self.counters.bytes_up += len(replies) * 8 * (self.estimator.num_directions + 2)
         return _weighted_mean([(r.loss, r.num_examples) for r in replies])
+
+    def client_batch(self, cid: int) -> R.Batch:
+        """Client ``cid``'s next training batch (labels flipped for a malicious client under label-flip)."""
+        batch = self.shards.next_batch(cid, self.config.batch_size)
+        if self.protection is not None and self.label_flip:
+            from baffle.protection import flip_malicious_labels
+
+            batch = flip_malicious_labels(batch, cid, self.malicious, self.data.num_classes)
+        return batch
+
+    def _combine(self, replies, plan):
+        """The round's K-vector under the protection options (None: the plain weighted sum)."""
+        spec = self.protection
+        if spec is None or not spec.replaces_sum:
+            return None
+        from baffle.protection import combine_loss_diffs, num_payload_entries, secure_round_bytes
+        from baffle.secure import SecAggError
+
+        ids = [r.client_id for r in replies]
+        before, after = (self.secagg_dropouts(plan.server_round, ids)
+                         if self.secagg_dropouts and spec.secure_aggregation else ((), ()))
+        done = plan.server_round + 1  # the round's number in rounds.jsonl and in error messages
+        self._check_budget_left(done)
+        try:
+            combined, info = combine_loss_diffs(replies, self.estimator.num_directions, spec,
+                                                weighting=self.config.client_weights, server_round=done,
+                                                seed=self.config.seed, malicious=self.malicious,
+                                                drop_before_masking=before, drop_after_masking=after)
+        except (SecAggError, ValueError) as e:
+            text = str(e) if str(e).startswith(f"round {done}:") else f"round {done}: {e}"
+            raise R.RoundFailed(text) from None
+        if spec.secure_aggregation:
+            wire = secure_round_bytes(len(ids), num_payload_entries(self.estimator.num_directions, spec),
+                                      len(before), len(after))
+            self.counters.bytes_up += wire["bytes_up"]
+            self.counters.bytes_down += wire["bytes_down"]
+        if self.ledger is not None:
+            self.ledger.record(info.get("dp_noise_multiplier_effective", spec.dp.noise_multiplier))
+        self._protection_info = info
+        return combined
+
+    def _check_budget_left(self, done: int) -> None:
+        """With --dp-target-epsilon the planned rounds were checked at start at the configured noise; only
+        a round that carried less (secure-sum dropouts) can make a later one exceed the target."""
+        target = self.config.dp_target_epsilon
+        if self.ledger is None or target is None or self.ledger.nominal:
+            return
+        eps = self.ledger.epsilon(1)
+        if eps > target:
+            raise R.RoundFailed(f"round {done}: it would bring ε to {eps:.4g} > --dp-target-epsilon {target:g} "
+                                "(earlier rounds lost clients before masking and carried less noise); the run "
+                                f"ends after round {done - 1}")
+
+    def privacy_metrics(self) -> dict:
+        """{"epsilon": ε spent so far} with DP on (for every metrics line and the summary), else {}."""
+        return {} if self.ledger is None else {"epsilon": self.ledger.epsilon()}
 
     def _bp_fedsgd(self, clients, plan) -> float:
         grads, losses = [], []
@@ -290,8 +382,11 @@ class Simulation:
 
     def state_dict(self) -> dict:
         local = None if self.local_optimizers is None else [o.state_dict() for o in self.local_optimizers]
-        return {"server": self.server.state_dict(), "clients": self.shards.state_dict(),
-                "counters": vars(self.counters).copy(), "local_optimizers": local, "layout": self.layout}
+        state = {"server": self.server.state_dict(), "clients": self.shards.state_dict(),
+                 "counters": vars(self.counters).copy(), "local_optimizers": local, "layout": self.layout}
+        if self.ledger is not None:
+            state["privacy"] = self.ledger.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.server.load_state_dict(state["server"])
@@ -300,6 +395,8 @@ class Simulation:
         for opt, saved in zip(self.local_optimizers or [], state.get("local_optimizers") or []):
             opt.load_state_dict(saved)
         self.layout = state.get("layout", self.layout)
+        if self.ledger is not None:
+            self.ledger.load_state_dict(state["privacy"])
 
 
 def _partition_culprit(message: str, c: TrainConfig) -> str:
@@ -325,4 +422,4 @@ def _weighted_mean(pairs) -> float:
     return sum(v * n for v, n in pairs) / total
 
 
-__all__ = ["ClientShards", "Simulation", "evaluate", "rounds_sampled_before", "sample_clients"]
+__all__ = ["ClientShards", "Simulation", "evaluate", "protection_spec", "rounds_sampled_before", "sample_clients"]

@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from baffle.config import TrainConfig, flag, make_config
+from baffle.config import TrainConfig, flag, make_config, sampled_clients
 from baffle.devices import device_name, resolve_device, to_cpu
 from baffle.io import check_writable_folder, load_checked, save_checked, save_json, save_jsonl, save_torch
+from baffle.rounds import RoundFailed
 from baffle.simulation import Simulation
 
 CHECKPOINT, METRICS, SUMMARY, MODEL, CONFIG = "checkpoint.pt", "metrics.jsonl", "summary.json", "model.pt", "config.json"
@@ -236,6 +237,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, o
     try:
         sim = Simulation(config)  # validates data, partition and model before anything is written
         _check_rounds(config, sim.rounds, ckpt["round"] if ckpt else 0, out)
+        _check_privacy_budget(sim, ckpt, out)
         return _Run(sim, out, runtime, options, progress).run(ckpt)
     finally:
         torch.set_num_threads(before)
@@ -248,6 +250,36 @@ def _check_rounds(config: TrainConfig, rounds: int, done: int, out: Path) -> Non
              else f"--epochs {config.epochs:g} ({rounds} rounds)")
     raise ValueError(f"{given}: the run in {out} has already done {done} rounds; give at least --rounds {done} "
                      "(more extends the run)")
+
+
+def _check_privacy_budget(sim: Simulation, ckpt: dict | None, out: Path) -> None:
+    """With --dp-target-epsilon: refuse a run (new, resumed or extended) whose planned rounds would spend more."""
+    ledger, target = sim.ledger, sim.config.dp_target_epsilon
+    if ledger is None or target is None:
+        return
+    if ckpt is not None:
+        _load_ledger(ledger, ckpt, out)
+    left = sim.rounds - ledger.rounds
+    eps = ledger.epsilon(left)
+    if eps <= target:
+        return
+    fit = ledger.rounds + ledger.rounds_within(target, left)
+    dp = ledger.spec
+    detail = (f"{sim.rounds} rounds would spend ε = {eps:.4g} (q = {ledger.sampling_rate:g}, z = "
+              f"{dp.noise_multiplier:g}, δ = {dp.delta:g})")
+    if fit < ledger.rounds:
+        raise ValueError(f"--dp-target-epsilon {target:g}: the run in {out} has already spent ε = "
+                         f"{ledger.epsilon():.4g}; no further round fits")
+    raise ValueError(f"--dp-target-epsilon {target:g}: {detail}; {fit} rounds fit: use --rounds {fit}, or raise "
+                     "--dp-noise-multiplier")
+
+
+def _load_ledger(ledger, ckpt: dict, out: Path) -> None:
+    try:
+        ledger.load_state_dict(ckpt["state"]["privacy"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"--resume: truncated or corrupt checkpoint {out / CHECKPOINT} (its privacy ledger does "
+                         f"not fit this run: {e})") from None
 
 
 class _Run:
@@ -293,7 +325,11 @@ class _Run:
         sim, saved_round, saved_at = self.sim, start, self.clock()
         for server_round in range(start, sim.rounds):
             began = self.clock()
-            info = sim.run_round(server_round)
+            try:
+                info = sim.run_round(server_round)
+            except RoundFailed as e:
+                raise RoundFailed(f"{e}; {CHECKPOINT} and {METRICS} in {self.out} are intact at round {saved_round}: "
+                                  f"continue with `baffle train --out {self.out} --resume`") from None
             done = server_round + 1
             log.write({"round": done, **info, **vars(sim.counters), "round_s": self.clock() - began,
                        "wall_s": self.wall()})
@@ -362,9 +398,28 @@ def start_line(sim: Simulation, start: int, runtime: dict) -> str:
     length = (f"{sim.rounds} rounds (= {epochs:.4g} epoch{'' if epochs == 1 else 's'} × {sim.rounds_per_epoch} rounds)"
               + (f", resuming after round {start}" if start else ""))
     return (f"baffle: {c.dataset}, {c.model_name} ({sim.num_parameters:,} parameters), {c.clients} clients "
-            f"{c.partition}, {method}, {c.optimizer} lr {c.lr:g}, batch {c.batch_size}, seed {c.seed}; {length}; "
+            f"{c.partition}, {method}{protection_text(sim)}, {c.optimizer} lr {c.lr:g}, batch {c.batch_size}, "
+            f"seed {c.seed}; {length}; "
             f"evaluation every {sim.eval_every} rounds, checkpoint every {runtime['checkpoint_every']}, "
             f"threads {runtime['threads']}, device {runtime.get('device_name', 'cpu')}")
+
+
+def protection_text(sim: Simulation) -> str:
+    """', secure aggregation (t = 6 of 10), DP (...)', ... for the start line ('' for a plain run)."""
+    c, spec, parts = sim.config, sim.protection, []
+    if spec is None:
+        return ""
+    m = sampled_clients(c)
+    if spec.secure_aggregation:
+        parts.append(f"secure aggregation (t = {c.secagg_threshold or m // 2 + 1} of {m})")
+    if sim.ledger is not None:
+        parts.append(f"DP (clip {c.dp_clip:g}, z {c.dp_noise_multiplier:g}, δ {c.dp_delta:g}; "
+                     f"ε after {sim.rounds} rounds {sim.ledger.epsilon(sim.rounds - sim.ledger.rounds):.4g})")
+    if c.aggregator != "mean":
+        parts.append(f"aggregator {c.aggregator}")
+    if c.attack is not None:
+        parts.append(f"attack {c.attack} by clients {', '.join(map(str, sim.malicious)) or 'none'}")
+    return "".join(f", {p}" for p in parts)
 
 
 class Display:
@@ -419,11 +474,18 @@ def write_checkpoint(sim: Simulation, out: Path, metrics: list, done: int, wall_
     save_checked(ckpt, out / CHECKPOINT)
 
 
+def privacy_metrics(sim) -> dict:
+    """``sim.privacy_metrics()`` ({"epsilon": ...} with DP); {} for a runner without the protection options
+    (the Flower server, which refuses them)."""
+    method = getattr(sim, "privacy_metrics", None)
+    return method() if method is not None else {}
+
+
 def record_evaluation(sim: Simulation, out: Path, metrics: list, done: int, info: dict, wall_s: float, *,
                       runtime: dict | None = None) -> dict:
     """Evaluate, checkpoint atomically, then append the metrics line (resume rewrites it if cut off)."""
     rec = {"round": done, "epoch": done / sim.rounds_per_epoch, **sim.evaluate(), **info, **vars(sim.counters),
-           "wall_s": wall_s,
+           **privacy_metrics(sim), "wall_s": wall_s,
            "lr": sim.server.optimizer.param_groups[0]["lr"]}
     metrics.append(rec)
     write_checkpoint(sim, out, metrics, done, wall_s, runtime=runtime)
@@ -459,6 +521,7 @@ def finish_run(sim: Simulation, out: Path, metrics: list, wall_s: float, *, runt
         "bytes_up": last["bytes_up"],
         "bytes_down": last["bytes_down"],
         "num_parameters": sim.num_parameters,
+        **({"epsilon": last["epsilon"], "dp_delta": sim.config.dp_delta} if "epsilon" in last else {}),
         "config": sim.config.to_dict(),
     }
     if runtime is not None:

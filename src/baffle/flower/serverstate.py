@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 from pathlib import Path
 
-from baffle.config import TrainConfig, make_config
+from baffle.config import TrainConfig, flag, make_config
 from baffle.cursors import SampleCounts
 from baffle.perturbation import num_trainable, trainable_parameters
 from baffle.server import ServerState
@@ -41,6 +41,11 @@ def check_flower_config(config: TrainConfig) -> None:
     if config.memory_format == "channels_last":
         raise ValueError("--memory-format channels_last: not available on Flower (its clients compute in NCHW); "
                          "use nchw")
+    on = [name for name, value in (("secure_aggregation", config.secure_aggregation), ("dp_clip", config.dp_clip),
+                                   ("aggregator", config.aggregator != "mean"), ("attack", config.attack)) if value]
+    if on:
+        raise ValueError(f"{flag(on[0])}: not available on Flower yet (secure aggregation, DP, robust aggregators and "
+                         "attacks run in-process); run it with `baffle train`")
 
 
 @dataclass(frozen=True)

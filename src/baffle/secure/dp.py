@@ -14,7 +14,9 @@ and the noisy sum is post-processing and costs no privacy.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -110,6 +112,19 @@ def _accountant(name: str):
     raise ValueError(f"unknown accountant {name!r}; use one of {', '.join(ACCOUNTANTS)}")
 
 
+@contextlib.contextmanager
+def _quiet_accountant():
+    """dp-accounting logs a warning (through absl) for every RDP order whose series does not converge
+    and excludes that order; the result is unchanged, so those lines are kept off a run's output."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _event(sampling_rate: float, noise_multiplier: float):
     if not 0 < sampling_rate <= 1:
         raise ValueError(f"client sampling rate q must be in (0, 1], got {sampling_rate!r}")
@@ -130,9 +145,10 @@ def epsilon_of_rounds(rounds: Sequence[tuple[float, float]], delta: float, accou
     if any(z == 0 for _, z in rounds):
         return math.inf
     acc = _accountant(accountant)
-    for (q, z), run in itertools.groupby(rounds):  # one composition per run of equal rounds (each costs ~0.2 s)
-        acc.compose(_event(q, z), sum(1 for _ in run))
-    return float(acc.get_epsilon(delta))
+    with _quiet_accountant():
+        for (q, z), run in itertools.groupby(rounds):  # one composition per run of equal rounds (each ~0.2 s)
+            acc.compose(_event(q, z), sum(1 for _ in run))
+        return float(acc.get_epsilon(delta))
 
 
 def compute_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, delta: float,
@@ -145,8 +161,9 @@ def compute_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, d
     if noise_multiplier == 0:
         return math.inf
     acc = _accountant(accountant)
-    acc.compose(_event(sampling_rate, noise_multiplier), steps)
-    return float(acc.get_epsilon(delta))
+    with _quiet_accountant():
+        acc.compose(_event(sampling_rate, noise_multiplier), steps)
+        return float(acc.get_epsilon(delta))
 
 
 def next_round_exceeds(target_epsilon: float, sampling_rate: float, noise_multiplier: float, steps_done: int,
