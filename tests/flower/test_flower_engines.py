@@ -22,15 +22,13 @@ import torch
 
 pytest.importorskip("flwr")
 
-from baffle import rounds as R  # noqa: E402
-from baffle.config import make_config  # noqa: E402
 from baffle.flower.cli import deploy  # noqa: E402
 from baffle.flower.fastpath import problems as fast_path_problems  # noqa: E402
 from baffle.flower.launch import Federation, wait_process  # noqa: E402
 from baffle.flower.runconfig import app_config, write_app  # noqa: E402
 from baffle.flower.watchdog import group_alive, read_groups  # noqa: E402
 from baffle.simulation import sample_clients  # noqa: E402
-from baffle.training import train  # noqa: E402
+from test_flower_adapter import in_process  # noqa: E402  (the same in-process reference run)
 
 pytestmark = pytest.mark.flower
 # accelerator tests need the flwr internals it was written against (elsewhere it falls back: tested)
@@ -61,23 +59,6 @@ def federation(tmp_path):
     yield make
     for fed in made:
         fed.stop()
-
-
-def in_process(config: dict, out) -> list[torch.Tensor]:
-    """``baffle train`` on ``config``; returns the aggregated ΔL of every round."""
-    captured, server_update = [], R.baffle_server_update
-
-    def capture(state, replies, plan, **kw):
-        diffs = server_update(state, replies, plan, **kw)
-        captured.append(diffs.clone())
-        return diffs
-
-    R.baffle_server_update = capture
-    try:
-        train(make_config(config, {"out": str(out)}), progress=False)
-    finally:
-        R.baffle_server_update = server_update
-    return captured
 
 
 def lines(path):
