@@ -105,7 +105,14 @@ def _combine(num_params: int, coeffs: list[float], *, seed: int, distribution: s
             _accumulate(target, z, coeffs[k])
         return k1
 
-    with ThreadPoolExecutor(max_workers=min(threads or default_threads(), len(ranges))) as pool:
+    workers = min(threads or default_threads(), len(ranges))
+    if workers == 1:  # the same work items, one after the other on this thread
+        for j in range(len(ranges)):
+            k = 0
+            while k < count:
+                k = add_directions(j, k)
+        return grad
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         running = {pool.submit(add_directions, j, 0): j for j in range(len(ranges))}
         while running:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
