@@ -26,6 +26,7 @@ import common as C
 from reference import reference_client_step
 
 from baffle import fast
+from baffle.client import compute_loss_diffs
 from baffle._alloc import malloc_settings, tune_malloc
 from baffle.estimator import forward_passes
 
@@ -49,8 +50,8 @@ def in_layout(model, x, layout):
 
 def client(model, x, y, k, scheme, layout, mode="sequential", max_slots=512, seed=1):
     opts = fast.FastOptions(mode=mode, memory_format=layout, max_slots=max_slots, budget_bytes=1 << 40)
-    return fast.loss_diffs(model, (x, y), loss_fn=cross_entropy, seed=seed, num_perturbations=k, sigma=SIGMA,
-                           scheme=scheme, options=opts)
+    return compute_loss_diffs(model, (x, y), loss_fn=cross_entropy, seed=seed, num_perturbations=k, sigma=SIGMA,
+                              scheme=scheme, engine=fast.ClientEngine(opts), return_loss=True)
 
 
 def dl_error(model, x, y, scheme, layout, k=16) -> float:

@@ -11,8 +11,8 @@ first, so both see the same machine load. Medians over the rounds; ratio = befor
 A round is what the in-process runner does for configs/paper/mnist-lenet-fedsgd.toml (settings read
 from that file): 10 clients, K=100, forward scheme, σ=1e-4, per-client directions, batch 32, LeNet
 with Hardswish and no norm, per-client ∞-norm clip 0.3, equal client weights, Adam; the round
-functions are ``baffle.rounds`` (``client_engine``, ``baffle_client_update``, ``baffle_server_update``
-on a ``baffle.server.ServerState``) with the runner's client options (``rounds.RUNNER_CLIENT``).
+functions are ``baffle.rounds`` (``baffle_client_update``, ``baffle_server_update`` on a
+``baffle.server.ServerState``) with the runner's client engine (``fast.runner_options``, one engine per round).
 Without --data-dir the data are random MNIST-shaped tensors (1×32×32 in [0, 1]); the timing does not
 depend on the values.
 
@@ -23,7 +23,6 @@ depend on the values.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import inspect
 import json
 import math
@@ -42,7 +41,7 @@ from torch.nn.functional import cross_entropy
 
 from baffle import rounds as R
 from baffle._alloc import malloc_settings
-from baffle.fast import choose_memory_format
+from baffle.fast import ClientEngine, choose_memory_format, runner_options
 from baffle.models import build_model
 from baffle.server import OptimizerSpec, ServerState
 
@@ -109,7 +108,7 @@ def worker(a) -> None:
         probe_batch = clients.inputs[: a.batch], clients.targets[: a.batch]  # leaves the cursors alone
         layout = choose_memory_format(model, probe_batch, cross_entropy)
         probe_s = time.perf_counter() - t0
-    options = dataclasses.replace(R.RUNNER_CLIENT, memory_format=layout)
+    options = runner_options("cpu", layout)
     reply({"layout": layout or "nchw", "probe_s": probe_s, "threads": torch.get_num_threads()})
     server_round = 0
     for line in sys.stdin:
@@ -118,8 +117,8 @@ def worker(a) -> None:
         plan = R.plan_round(cfg["seed"], server_round, estimator, cfg["perturbations"])
         t0 = time.perf_counter()
         batches = [clients.next_batch(cid, a.batch) for cid in range(a.clients)]
-        replies = [R.baffle_client_update(model, [b], plan, cross_entropy, cid,
-                                          R.client_engine(model, plan, options, cid))
+        engine = ClientEngine(options)  # one per round, as the simulator does
+        replies = [R.baffle_client_update(model, [b], plan, cross_entropy, cid, engine)
                    for cid, b in enumerate(batches)]
         t1 = time.perf_counter()
         R.baffle_server_update(state, replies, plan, weighting=cfg["client_weights"],

@@ -2,8 +2,8 @@
 
 Interleaved in one process, medians over repeats:
   generate_1thread  merely generating the K×n Gaussian numbers on one thread (one generator, normal_)
-  plain             the one-thread reference loop (whole ε_k, ĝ += c_k ε_k)
-  fast_1thread      baffle.rebuild.combine_directions, threads=1 (chunked sub-seeds)
+  plain             the one-thread reference loop (whole ε_k, ĝ += c_k ε_k; tests/oracles.py)
+  fast_1thread      baffle.rebuild.rebuild_gradient with torch.set_num_threads(1) (chunked sub-seeds)
   fast              the same with both cores (the default)
   client_stream     a client regenerating the same K directions the same way (chunked, Perturber)
 Also checks that fast == plain bit for bit and records the rebuild's tensor memory peak.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 
 import torch
 
@@ -22,8 +23,10 @@ import common as C
 
 from baffle._alloc import tune_malloc
 from baffle._perturb import Perturber
-from baffle.estimator import rebuild_flat_gradient_plain
-from baffle.rebuild import combine_directions
+from baffle.rebuild import rebuild_gradient
+
+sys.path.insert(0, str(C.ROOT / "tests"))
+from oracles import reference_rebuild  # noqa: E402 - the tests' reference loop is the baseline
 
 SEED = 1234
 
@@ -41,20 +44,30 @@ def client_stream(n: int, k: int) -> None:
         p.write(row, j, 1.0)
 
 
+def rebuild(model, diffs, threads: int) -> torch.Tensor:
+    """The server's rebuild on ``threads`` intra-op threads (its thread count), as a flat vector."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return rebuild_gradient(model, diffs, seed=SEED, num_perturbations=len(diffs), sigma=1e-4)["weight"].flatten()
+    finally:
+        torch.set_num_threads(before)
+
+
 def cell(n: int, k: int, repeats: int) -> dict:
     diffs = torch.randn(k, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
-    coeffs = (diffs / (k * 1e-4)).tolist()
+    model = torch.nn.Linear(n, 1, bias=False)  # only its parameter count and dtype matter
     t = C.interleaved({
         "generate_1thread": lambda: generate_only(n, k),
-        "plain": lambda: rebuild_flat_gradient_plain(n, diffs, seed=SEED, sigma=1e-4, scheme="forward"),
-        "fast_1thread": lambda: combine_directions(n, coeffs, seed=SEED, threads=1),
-        "fast": lambda: combine_directions(n, coeffs, seed=SEED, threads=2),
+        "plain": lambda: reference_rebuild(n, diffs, seed=SEED, sigma=1e-4, scheme="forward"),
+        "fast_1thread": lambda: rebuild(model, diffs, 1),
+        "fast": lambda: rebuild(model, diffs, 2),
         "client_stream": lambda: client_stream(n, k),
     }, repeats=repeats)
-    plain = rebuild_flat_gradient_plain(n, diffs, seed=SEED, sigma=1e-4, scheme="forward")
-    fast = combine_directions(n, coeffs, seed=SEED, threads=2)
+    plain = reference_rebuild(n, diffs, seed=SEED, sigma=1e-4, scheme="forward")
+    fast = rebuild(model, diffs, 2)
     small_k = min(k, 20)
-    peak = C.peak_tensor_bytes(lambda: combine_directions(n, coeffs[:small_k], seed=SEED, threads=2))
+    peak = C.peak_tensor_bytes(lambda: rebuild(model, diffs[:small_k], 2))
     return {"bench": "server", "n": n, "K": k, "times": t, "bit_identical": bool(torch.equal(plain, fast)),
             "ratio_fast_vs_generate": t["fast"] / t["generate_1thread"],
             "peak_bytes": peak, "all_numbers_bytes": 4 * n * k}

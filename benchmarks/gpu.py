@@ -45,7 +45,9 @@ from reference import reference_client_step
 
 from baffle import fast
 from baffle.devices import device_name
-from baffle.estimator import forward_passes, rebuild_flat_gradient
+from baffle.client import compute_loss_diffs
+from baffle.estimator import forward_passes
+from baffle.rebuild import rebuild_gradient
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = "configs/paper/mnist-lenet-fedsgd.toml"
@@ -100,21 +102,24 @@ def client_cell(a, device, emit, name, model, batch, k) -> list[dict]:
 
     gen = torch.Generator(device=device).manual_seed(0)
     record("reference", lambda: reference_client_step(model, x, y, num_perturbations=k, sigma=1e-4, generator=gen))
+    def client(options, stream="philox"):
+        return compute_loss_diffs(model, batch, stream=stream, engine=fast.ClientEngine(options), return_loss=True,
+                                  **kw)
+
     seq_opts = fast.FastOptions(mode="sequential")
-    seq = fast.loss_diffs(model, batch, stream="philox", options=seq_opts, **kw)
-    record("sequential", lambda: fast.loss_diffs(model, batch, stream="philox", options=seq_opts, **kw))
+    seq = client(seq_opts)
+    record("sequential", lambda: client(seq_opts))
     runner = fast.runner_options(device)
     bat_opts = fast.FastOptions(mode="batched", budget_bytes=runner.budget_bytes, max_slots=runner.max_slots)
-    engine = fast.ClientEngine(model, seed=1, num_perturbations=k, sigma=1e-4, stream="philox", options=bat_opts)
-    group = engine.group_size([batch])
-    record("batched", lambda: fast.loss_diffs(model, batch, stream="philox", options=bat_opts, **kw), seq, P=group)
-    record("batched-mt19937", lambda: fast.loss_diffs(model, batch, options=bat_opts, **kw),
-           fast.loss_diffs(model, batch, options=seq_opts, **kw), P=group)
+    engine = fast.ClientEngine(bat_opts)
+    compute_loss_diffs(model, batch, stream="philox", engine=engine, **kw)
+    group = engine._round.group_size([batch])
+    record("batched", lambda: client(bat_opts), seq, P=group)
+    record("batched-mt19937", lambda: client(bat_opts, "mt19937"), client(seq_opts, "mt19937"), P=group)
     if name == "lenet" and k == max(a.ks):
         for p in a.slots:
             opts = fast.FastOptions(mode="batched", budget_bytes=1 << 40, max_slots=p)
-            record(f"batched:{p}", lambda o=opts: fast.loss_diffs(model, batch, stream="philox", options=o, **kw),
-                   seq, P=min(p, passes))
+            record(f"batched:{p}", lambda o=opts: client(o), seq, P=min(p, passes))
     return out
 
 
@@ -124,12 +129,12 @@ def rebuild_cells(a, device, emit) -> list[dict]:
         n = sum(p.numel() for p in C.make_model(name, "mnist").parameters())
         for k in a.ks:
             diffs = torch.randn(k, dtype=torch.float64, generator=torch.Generator().manual_seed(k)) * 1e-5
-            kw = dict(seed=3, sigma=1e-4, scheme="forward")
-            for method, stream, dev in (("philox", "philox", device), ("mt19937-cpu", "mt19937", None)):
+            kw = dict(seed=3, num_perturbations=k, sigma=1e-4, scheme="forward")
+            for method, stream, dev in (("philox", "philox", device), ("mt19937-cpu", "mt19937", "cpu")):
                 row = {"section": "rebuild", "model": name, "n": n, "K": k, "method": method}
                 try:
-                    t = timed(lambda: rebuild_flat_gradient(n, diffs, stream=stream, device=dev, **kw),
-                              device, a.repeats)
+                    flat = torch.nn.Linear(n, 1, bias=False).to(dev)  # the rebuild runs where the model is
+                    t = timed(lambda: rebuild_gradient(flat, diffs, stream=stream, **kw), device, a.repeats)
                     row.update(s=t, ns_per_number=1e9 * t / (n * k))
                 except Exception as e:  # noqa: BLE001
                     row["error"] = f"{type(e).__name__}: {str(e)[:200]}"

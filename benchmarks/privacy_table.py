@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from torch.nn.functional import cross_entropy  # noqa: E402
 
 from baffle import rounds as R  # noqa: E402
+from baffle.fast import ClientEngine, runner_options  # noqa: E402
 from baffle.config import flag, load_toml, make_config  # noqa: E402
 from baffle.secure.dp import compute_epsilon  # noqa: E402
 from baffle.simulation import Simulation, sample_clients  # noqa: E402
@@ -56,7 +57,7 @@ def honest_norm(base: dict) -> float:
     config = make_config(base, {"out": "unused"})
     sim = Simulation(config)
     plan = R.plan_round(config.seed, 0, sim.estimator, config.perturbations)
-    engine = R.client_engine(sim.model, plan)
+    engine = ClientEngine(runner_options("cpu"))
     norms = [float(R.baffle_client_update(sim.model, [sim.client_batch(c)], plan, cross_entropy, c, engine)
                    .loss_diffs.norm()) for c in sample_clients(config.clients, config.fraction, config.seed, 0)]
     return float(f"{statistics.median(norms):.2g}")

@@ -122,15 +122,19 @@ def test_cuda_run_checkpoints_on_the_cpu_and_resumes_there(tmp_path, stream):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_cuda_rebuild_against_the_dense_formula():
     from baffle import philox
-    from baffle.estimator import rebuild_flat_gradient, stein_coefficients, stein_gradient
+    from baffle.estimator import stein_coefficients
+    from baffle.rebuild import rebuild_gradient
+    from oracles import dense_stein_gradient
 
     n, diffs = 70_001, torch.randn(30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    kw = dict(seed=4, num_perturbations=30, sigma=1e-3, scheme="forward")
     eps = torch.stack([philox.normal(4, k, 0, n) for k in range(30)]).double()
-    dense = stein_gradient(eps, diffs, 1e-3, "forward")
+    dense = dense_stein_gradient(eps, diffs, 1e-3, "forward")
     terms = (stein_coefficients(diffs, 1e-3, "forward")[:, None] * eps).abs().sum(0)
-    got = rebuild_flat_gradient(n, diffs, seed=4, sigma=1e-3, scheme="forward", stream="philox", device="cuda")
+    model = torch.nn.Linear(n, 1, bias=False)
+    gpu = torch.nn.Linear(n, 1, bias=False).cuda()
+    got = rebuild_gradient(gpu, diffs, stream="philox", **kw)["weight"].flatten()
     assert got.device.type == "cuda" and ((got.cpu().double() - dense).abs() <= 32 * torch.finfo(torch.float32).eps
                                            * terms).all()
-    host = rebuild_flat_gradient(n, diffs, seed=4, sigma=1e-3, scheme="forward")
-    assert torch.equal(rebuild_flat_gradient(n, diffs, seed=4, sigma=1e-3, scheme="forward", device="cuda").cpu(),
-                       host)  # mt19937: formed on the CPU, copied
+    host = rebuild_gradient(model, diffs, **kw)["weight"]
+    assert torch.equal(rebuild_gradient(gpu, diffs, **kw)["weight"].cpu(), host)  # mt19937: formed on the CPU, copied

@@ -24,10 +24,8 @@ if sys.argv[1] == "explicit":
     _alloc.tune_malloc(trim_threshold=1 << 28)
 model = nn.Sequential(nn.Linear(4, 3))
 batch = (torch.randn(5, 4), torch.randint(0, 3, (5,)))
-if sys.argv[1] == "engine":
-    fast.ClientEngine(model, seed=1, num_perturbations=2, sigma=1e-3)
-else:
-    baffle.compute_loss_diffs(model, batch, loss_fn=cross_entropy, seed=1, num_perturbations=2, sigma=1e-3)
+engine = fast.ClientEngine(fast.FastOptions(mode="batched")) if sys.argv[1] == "engine" else None
+baffle.compute_loss_diffs(model, batch, loss_fn=cross_entropy, seed=1, num_perturbations=2, sigma=1e-3, engine=engine)
 print(json.dumps({"before": before, "after": _alloc.malloc_settings()}))
 """
 

@@ -1,14 +1,16 @@
-"""Fast client engines against the plain reference loop on the same seeds."""
+"""The engines behind ``compute_loss_diffs`` against the reference loop (``oracles``) on the same seeds."""
 import pytest
 import torch
 from torch import nn
 from torch.nn.functional import cross_entropy
 
 from baffle import fast
-from baffle.client import plain_loss_diffs
+from baffle.client import compute_loss_diffs
+from baffle.fast import ClientEngine, FastOptions
 from baffle.models import build_model
 from baffle.perturbation import CHUNK_SIZE, direction
 from conftest import flat
+from oracles import reference_loss_diffs
 
 
 def _mlp(dtype=torch.float32):
@@ -27,10 +29,15 @@ def _data(n, features, classes, seed, dtype=torch.float32):
     return torch.randn(n, *features, generator=g, dtype=dtype), torch.randint(0, classes, (n,), generator=g)
 
 
+def _run(model, batch, engine=None, **kw):
+    """(ΔL, L(W)) from the one client function, with ``engine`` (default: sequential)."""
+    return compute_loss_diffs(model, batch, return_loss=True, engine=engine, **kw)
+
+
 def _both(model, batch, mode="sequential", memory_format=None, **kw):
     kw = dict(loss_fn=cross_entropy, seed=11, num_perturbations=6, sigma=1e-3, **kw)
-    plain = plain_loss_diffs(model, batch, **kw)
-    got = fast.loss_diffs(model, batch, options=fast.FastOptions(mode=mode, memory_format=memory_format), **kw)
+    plain = reference_loss_diffs(model, batch, **kw)
+    got = _run(model, batch, ClientEngine(FastOptions(mode=mode, memory_format=memory_format)), **kw)
     return plain, got
 
 
@@ -40,6 +47,9 @@ def test_sequential_is_bit_identical_to_plain(scheme, distribution):
     model, batch = _mlp(), _data(16, (8,), 4, 0)
     (pd, pl), (fd, fl) = _both(model, batch, scheme=scheme, distribution=distribution)
     assert torch.equal(pd, fd) and pl == fl
+    default = _run(model, batch, loss_fn=cross_entropy, seed=11, num_perturbations=6, sigma=1e-3, scheme=scheme,
+                   distribution=distribution)  # no engine given: the sequential one
+    assert torch.equal(default[0], pd) and default[1] == pl
 
 
 def test_sequential_bit_identical_multi_chunk_float64_and_several_batches():
@@ -76,11 +86,9 @@ def test_batched_matches_plain_within_float32_rounding_of_the_loss(scheme):
 def test_batched_result_does_not_depend_on_the_slot_group_size():
     model, batch = _mlp(), _data(16, (8,), 4, 6)
     kw = dict(loss_fn=cross_entropy, seed=3, num_perturbations=9, sigma=1e-3)
-    results = {p: fast.loss_diffs(model, batch, options=fast.FastOptions(mode="batched", max_slots=p), **kw)
-               for p in (1, 4, 64)}
-    engine = fast.ClientEngine(model, seed=3, num_perturbations=9, sigma=1e-3,
-                               options=fast.FastOptions(mode="batched", max_slots=4))
-    assert engine.group_size([batch]) == 4
+    engines = {p: ClientEngine(FastOptions(mode="batched", max_slots=p)) for p in (1, 4, 64)}
+    results = {p: _run(model, batch, engine, **kw) for p, engine in engines.items()}
+    assert engines[4]._round.group_size([batch]) == 4
     for p in (4, 64):
         assert torch.equal(results[p][0], results[1][0])
 
@@ -90,37 +98,69 @@ def test_engine_with_kept_rows_is_reusable_across_clients_and_keeps_the_model(mo
     model = _mlp()
     before = flat(model.state_dict()).clone()
     rng = torch.random.get_rng_state()
-    engine = fast.ClientEngine(model, seed=5, num_perturbations=7, sigma=1e-3, scheme="central",
-                               options=fast.FastOptions(mode=mode, keep_rows=True))
+    engine = ClientEngine(FastOptions(mode=mode, keep_rows=True))
+    kw = dict(loss_fn=cross_entropy, seed=5, num_perturbations=7, sigma=1e-3, scheme="central")
+    kept = None
     for seed in range(3):  # the rows kept from the first client must serve the next ones
         batch = _data(10, (8,), 4, seed)
-        got = engine.loss_diffs(batch, cross_entropy)
-        ref = fast.loss_diffs(model, batch, loss_fn=cross_entropy, seed=5, num_perturbations=7, sigma=1e-3,
-                              scheme="central", options=fast.FastOptions(mode=mode))
-        assert torch.equal(got[0], ref[0]) and got[1] == ref[1] and engine._rows is not None
+        got = _run(model, batch, engine, **kw)
+        ref = _run(model, batch, ClientEngine(FastOptions(mode=mode)), **kw)
+        assert torch.equal(got[0], ref[0]) and got[1] == ref[1] and engine._round._rows is not None
+        kept = engine._round._rows if kept is None else kept
+        assert engine._round._rows is kept
     assert torch.equal(flat(model.state_dict()), before) and torch.equal(rng, torch.random.get_rng_state())
 
 
+def test_an_engine_reused_on_changed_weights_or_another_seed_starts_afresh():
+    """Kept rows must never outlive the weights or directions they were made from."""
+    model, batch = _mlp(), _data(10, (8,), 4, 0)
+    engine = ClientEngine(FastOptions(keep_rows=True))
+    kw = dict(loss_fn=cross_entropy, num_perturbations=4, sigma=1e-3)
+    _run(model, batch, engine, seed=1, **kw)
+    for change in ("seed", "in-place", "new tensor"):
+        seed = 2 if change == "seed" else 1
+        with torch.no_grad():
+            if change == "in-place":
+                model[1].weight.add_(0.5)  # an optimizer step does this
+            elif change == "new tensor":
+                model[3].bias.data = model[3].bias.data + 0.25
+        got = _run(model, batch, engine, seed=seed, **kw)
+        want = reference_loss_diffs(model, batch, seed=seed, **kw)
+        assert torch.equal(got[0], want[0]) and got[1] == want[1], change
+
+
+def test_an_engine_argument_of_the_wrong_type_is_refused():
+    with pytest.raises(TypeError, match="ClientEngine"):
+        compute_loss_diffs(_mlp(), _data(4, (8,), 4, 0), loss_fn=cross_entropy, seed=1, num_perturbations=2,
+                           sigma=1e-3, engine=FastOptions(mode="batched"))
+
+
 def test_auto_mode_batches_only_dense_models_with_a_vmap_safe_loss():
+    def auto_round(model, batch):
+        engine = ClientEngine(FastOptions(mode="auto"))
+        _run(model, batch, engine, loss_fn=cross_entropy, seed=5, num_perturbations=7, sigma=1e-3)
+        return engine._round
+
     batch = _data(10, (8,), 4, 0)
-    engine = fast.ClientEngine(_mlp(), seed=5, num_perturbations=7, sigma=1e-3)
-    assert engine.mode_for([batch], cross_entropy) == "batched"
-    assert engine.mode_for([batch], lambda o, y: cross_entropy(o, y)) == "sequential"
-    lenet = fast.ClientEngine(build_model("lenet", in_channels=1, num_classes=10, seed=0), seed=5,
-                              num_perturbations=7, sigma=1e-3)
-    assert lenet.mode_for([_data(2, (1, 8, 8), 10, 1)], cross_entropy) == "sequential"
+    mlp = auto_round(_mlp(), batch)
+    assert mlp.mode_for([batch], cross_entropy) == "batched"
+    assert mlp.mode_for([batch], lambda o, y: cross_entropy(o, y)) == "sequential"
+    small = _data(2, (1, 8, 8), 10, 1)
+    lenet = auto_round(build_model("lenet", in_channels=1, num_classes=10, seed=0), small)
+    assert lenet.mode_for([small], cross_entropy) == "sequential"
 
 
-def test_runner_client_update_with_a_round_engine_equals_compute_loss_diffs():
+def test_runner_client_update_with_a_round_engine_equals_the_reference():
     from baffle import rounds as R
 
     model, batch = _big_mlp(), _data(8, (64,), 10, 7)
     plan = R.plan_round(3, 1, R.EstimatorSpec(num_perturbations=5, sigma=1e-3))
-    engine = R.client_engine(model, plan)
-    plain = R.baffle_client_update(model, [batch], plan, cross_entropy, "a")
-    for _ in range(2):
-        reply = R.baffle_client_update(model, [batch], plan, cross_entropy, "a", engine)
-        assert torch.equal(reply.loss_diffs, plain.loss_diffs) and reply.loss == plain.loss
+    engine = ClientEngine(fast.runner_options("cpu"))
+    want, want_loss = reference_loss_diffs(model, batch, loss_fn=cross_entropy, seed=plan.seed, num_perturbations=5,
+                                           sigma=1e-3)
+    for eng in (None, engine, engine):
+        reply = R.baffle_client_update(model, [batch], plan, cross_entropy, "a", eng)
+        assert torch.equal(reply.loss_diffs, want) and reply.loss == want_loss
 
 
 def test_runner_client_in_channels_last_keeps_rows_and_matches_nchw_within_rounding():
@@ -130,16 +170,15 @@ def test_runner_client_in_channels_last_keeps_rows_and_matches_nchw_within_round
 
     model = build_model("lenet", in_channels=1, num_classes=10, seed=0)
     before = [p.detach().clone() for p in model.parameters()]
-    options = dataclasses.replace(R.RUNNER_CLIENT, memory_format="channels_last")
-    kw = dict(seed=5, num_perturbations=6, sigma=1e-3)
-    engine = fast.ClientEngine(model, options=options, **kw)
+    options = fast.runner_options("cpu", "channels_last")
+    kw = dict(loss_fn=cross_entropy, seed=5, num_perturbations=6, sigma=1e-3)
+    engine = ClientEngine(options)
     for seed in range(2):  # the second client reuses the first one's kept rows
         batch = _data(4, (1, 16, 16), 10, seed)
-        got, loss = engine.loss_diffs(batch, cross_entropy)
-        regenerated = fast.loss_diffs(model, batch, loss_fn=cross_entropy, **kw,
-                                      options=fast.FastOptions(mode="sequential", memory_format="channels_last"))
-        nchw, nchw_loss = plain_loss_diffs(model, batch, loss_fn=cross_entropy, **kw)
-        assert engine._rows is not None and torch.equal(got, regenerated[0]) and loss == regenerated[1]
+        got, loss = _run(model, batch, engine, **kw)
+        regenerated = _run(model, batch, ClientEngine(dataclasses.replace(options, keep_rows=False)), **kw)
+        nchw, nchw_loss = reference_loss_diffs(model, batch, **kw)
+        assert engine._round._rows is not None and torch.equal(got, regenerated[0]) and loss == regenerated[1]
         tol = 16 * torch.finfo(torch.float32).eps * abs(nchw_loss)
         assert (got - nchw).abs().max() <= tol and abs(loss - nchw_loss) <= tol
         assert (nchw.abs() > 100 * tol).any()  # the tolerance is far below the signal
@@ -184,15 +223,19 @@ def test_channels_last_copy_restrides_single_channel_tensors():
 
 def test_fast_options_refuse_unknown_values():
     with pytest.raises(ValueError, match="mode"):
-        fast.FastOptions(mode="parallel")
+        FastOptions(mode="parallel")
     with pytest.raises(ValueError, match="memory_format"):
-        fast.FastOptions(memory_format="nhwc")
+        FastOptions(memory_format="nhwc")
+    with pytest.raises(TypeError, match="FastOptions"):
+        ClientEngine("batched")
 
 
 def test_perturbed_weights_are_w_plus_sigma_direction():
+    from baffle._perturb import Perturber
+
     model = _big_mlp()
-    engine = fast.ClientEngine(model, seed=9, num_perturbations=2, sigma=1e-2)
-    row = torch.empty(engine.perturber.n)
-    engine.perturber.write(row, 1, -1.0)
+    perturber = Perturber(list(model.parameters()), seed=9, sigma=1e-2, distribution="gaussian")
+    row = torch.empty(perturber.n)
+    perturber.write(row, 1, -1.0)
     w = flat(model.parameters())
     assert torch.equal(row, torch.add(w, direction(w.numel(), 9, 1), alpha=-1e-2))

@@ -8,18 +8,19 @@ import torch
 from torch import nn
 from torch.nn.functional import cross_entropy
 
-from baffle import fast, philox
+from baffle import philox
 from baffle import rounds as R
-from baffle.api import estimate_gradient, rebuild_gradient
+from baffle.api import compute_loss_diffs, estimate_gradient, rebuild_gradient
 from baffle.cli import main
-from baffle.client import plain_loss_diffs
 from baffle.config import make_config
-from baffle.estimator import rebuild_flat_gradient, rebuild_flat_gradient_plain, stein_coefficients, stein_gradient
+from baffle.estimator import stein_coefficients
+from baffle.fast import ClientEngine, runner_options
 from baffle.models import build_model
 from baffle.perturbation import CHUNK_SIZE, direction
-from baffle.rebuild import combine_directions
+from baffle.rebuild import _combine
 from baffle.server import OptimizerSpec, ServerState
 from conftest import flat
+from oracles import dense_stein_gradient, reference_combination, reference_loss_diffs, reference_rebuild
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -66,18 +67,18 @@ def test_philox_engine_is_the_slow_reference_bit_for_bit(make, features, scheme,
     model, batch = make(), _data(6, features, 10, 3)
     kw = dict(loss_fn=cross_entropy, seed=2**40 + 11, num_perturbations=4, sigma=1e-3, scheme=scheme,
               distribution=distribution)
-    ref, ref_loss = plain_loss_diffs(model, batch, stream="philox", **kw)
-    got, loss = fast.loss_diffs(model, batch, stream="philox", options=fast.FastOptions(mode="sequential"), **kw)
+    ref, ref_loss = reference_loss_diffs(model, batch, stream="philox", **kw)
+    got, loss = compute_loss_diffs(model, batch, stream="philox", return_loss=True, **kw)
     assert torch.equal(got, ref) and loss == ref_loss
-    other, _ = plain_loss_diffs(model, batch, **kw)  # mt19937: other directions, other ΔL
+    other, _ = reference_loss_diffs(model, batch, **kw)  # mt19937: other directions, other ΔL
     assert not torch.equal(other, ref)
 
 
 @pytest.mark.parametrize("scheme,distribution", [("forward", "gaussian"), ("central", "rademacher")])
 def test_philox_loss_diffs_match_weights_written_by_hand(scheme, distribution):
     model, batch = _lenet(), _data(6, (1, 16, 16), 10, 4)
-    got, loss = fast.loss_diffs(model, batch, loss_fn=cross_entropy, seed=77, num_perturbations=5, sigma=1e-3,
-                                scheme=scheme, distribution=distribution, stream="philox")
+    got, loss = compute_loss_diffs(model, batch, loss_fn=cross_entropy, seed=77, num_perturbations=5, sigma=1e-3,
+                                   scheme=scheme, distribution=distribution, stream="philox", return_loss=True)
     want, base = _oracle_loss_diffs(model, batch, 77, 5, 1e-3, scheme, distribution)
     tol = 16 * EPS32 * base  # W0 + σε formed as one vector here, per parameter segment in the engine
     assert (got - want).abs().max() <= tol and (want.abs() > 100 * tol).any()
@@ -86,32 +87,35 @@ def test_philox_loss_diffs_match_weights_written_by_hand(scheme, distribution):
 @pytest.mark.parametrize("n", [1, 1000, 3 * CHUNK_SIZE + 777])
 @pytest.mark.parametrize("scheme,distribution", [("forward", "gaussian"), ("central", "rademacher")])
 def test_philox_rebuild_against_the_dense_formula(n, scheme, distribution):
+    model = nn.Sequential(nn.Linear(n, 1, bias=False))
     diffs = torch.randn(23, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     kw = dict(seed=5 + 2**33, sigma=1e-3, scheme=scheme, distribution=distribution)
-    got = rebuild_flat_gradient(n, diffs, stream="philox", **kw)
+    got = flat(rebuild_gradient(model, diffs, num_perturbations=23, stream="philox", **kw))
     draw = philox.normal if distribution == "gaussian" else philox.rademacher
     eps = torch.stack([draw(kw["seed"], k, 0, n) for k in range(23)]).double()
-    dense = stein_gradient(eps, diffs, 1e-3, scheme)  # Σ_k c_k ε_k in float64
+    dense = dense_stein_gradient(eps, diffs, 1e-3, scheme)  # Σ_k c_k ε_k in float64
     terms = (stein_coefficients(diffs, 1e-3, scheme)[:, None] * eps).abs().sum(0)
     assert ((got.double() - dense).abs() <= (23 + 2) * EPS32 * terms).all()  # float32 sum of 23 terms
     assert dense.abs().max() > 0
-    assert torch.equal(got, rebuild_flat_gradient_plain(n, diffs, stream="philox", **kw))
-    assert not torch.allclose(got, rebuild_flat_gradient(n, diffs, **kw))  # mt19937 rebuilds another ĝ
+    assert torch.equal(got, reference_rebuild(n, diffs, stream="philox", **kw))
+    mt = flat(rebuild_gradient(model, diffs, num_perturbations=23, **kw))
+    assert not torch.allclose(got, mt)  # mt19937 rebuilds another ĝ
 
 
 def test_philox_rebuild_does_not_depend_on_threads():
     n, coeffs = 3 * CHUNK_SIZE + 5, [0.5 - 0.01 * k for k in range(12)]
-    one = combine_directions(n, coeffs, seed=9, threads=1, stream="philox")
-    assert torch.equal(combine_directions(n, coeffs, seed=9, threads=2, segment=3, stream="philox"), one)
+    ref = reference_combination(n, coeffs, seed=9, stream="philox")
+    for threads, segment in ((1, 16), (2, 3)):
+        assert torch.equal(_combine(n, coeffs, seed=9, threads=threads, segment=segment, stream="philox"), ref)
 
 
 def test_api_round_trip_with_the_philox_stream():
     model, batch = _big_mlp(), _data(8, (64,), 10, 5)
     kw = dict(seed=3, num_perturbations=6, sigma=1e-3)
-    diffs, _ = plain_loss_diffs(model, batch, loss_fn=cross_entropy, stream="philox", **kw)
+    diffs, _ = reference_loss_diffs(model, batch, loss_fn=cross_entropy, stream="philox", **kw)
     grads = rebuild_gradient(model, diffs, stream="philox", **kw)
     eps = torch.stack([direction(132_810, 3, k, stream="philox") for k in range(6)])
-    dense = stein_gradient(eps, diffs, 1e-3, "forward").float()
+    dense = dense_stein_gradient(eps, diffs, 1e-3, "forward").float()
     assert torch.allclose(flat(grads), dense, rtol=1e-5, atol=1e-6 * dense.abs().max())
     assert torch.equal(flat(estimate_gradient(model, batch, loss_fn=cross_entropy, stream="philox", **kw)),
                        flat(grads))
@@ -123,20 +127,19 @@ def test_round_with_philox_client_and_server_agree_with_the_references(perturbat
     model = _big_mlp()
     plan = R.plan_round(7, 2, R.EstimatorSpec(num_perturbations=5, sigma=1e-3, stream="philox"), perturbations)
     batches = {cid: _data(4 + cid, (64,), 10, cid) for cid in (0, 1)}
-    engine = R.client_engine(model, plan)
+    engine = ClientEngine(runner_options("cpu"))  # one per round, as the simulator does
     replies = []
     for cid, batch in batches.items():
-        eng = engine if perturbations == "shared" else R.client_engine(model, plan, client_id=cid)
-        reply = R.baffle_client_update(model, [batch], plan, cross_entropy, cid, eng)
-        ref, _ = plain_loss_diffs(model, batch, loss_fn=cross_entropy, seed=plan.client_seed(cid),
-                                  num_perturbations=5, sigma=1e-3, stream="philox")
+        reply = R.baffle_client_update(model, [batch], plan, cross_entropy, cid, engine)
+        ref, _ = reference_loss_diffs(model, batch, loss_fn=cross_entropy, seed=plan.client_seed(cid),
+                                      num_perturbations=5, sigma=1e-3, stream="philox")
         assert torch.equal(reply.loss_diffs, ref)
         replies.append(reply)
     w0 = flat(model.parameters()).double()
     state = ServerState(model, OptimizerSpec(name="sgd", lr=1.0, momentum=0.0))
     R.baffle_server_update(state, replies, plan)
     weights = [r.num_examples / sum(q.num_examples for q in replies) for r in replies]
-    dense = sum(w * stein_gradient(torch.stack([direction(132_810, plan.client_seed(r.client_id), k,
+    dense = sum(w * dense_stein_gradient(torch.stack([direction(132_810, plan.client_seed(r.client_id), k,
                                                           stream="philox") for k in range(5)]),
                                    r.loss_diffs, 1e-3, "forward") for r, w in zip(replies, weights))
     step = w0 - flat(model.parameters()).double()  # SGD, lr 1: W ← W − ĝ

@@ -7,10 +7,10 @@ Raising the trim threshold (keep freed memory) and the mmap threshold (serve big
 heap, which can be reused) removes that. Both must be set: either alone does not help.
 
 When it happens: the ``baffle`` CLI calls ``tune_malloc()`` at start-up. In the Python API, the first
-entry point that runs many forward passes — ``baffle.compute_loss_diffs``, ``baffle.estimate_gradient``,
-``plain_loss_diffs``, ``baffle.fast.ClientEngine`` (and so ``baffle.fast.loss_diffs``, the round
-functions of ``baffle.rounds``) and ``baffle.fast.choose_memory_format`` — calls
-``auto_tune_malloc()``, which runs ``tune_malloc()`` once per process. The settings are process-wide
+call that runs many forward passes — ``baffle.compute_loss_diffs`` (whatever its engine; so also
+``baffle.estimate_gradient`` and the round functions of ``baffle.rounds``) and
+``baffle.fast.choose_memory_format`` — calls ``auto_tune_malloc()``, which runs ``tune_malloc()``
+once per process. The settings are process-wide
 and stay for the life of the process (the freed heap it keeps, at most ``TRIM_THRESHOLD`` bytes, is
 not returned to the kernel).
 

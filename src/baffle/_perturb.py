@@ -3,8 +3,8 @@
 ``Perturber`` regenerates ε_k from the round seed one chunk (``CHUNK_SIZE`` numbers) at a time into a
 small scratch vector and writes ``torch.add(W0, ε, alpha=±σ)`` into the caller's buffer, segment by
 segment (a segment is the overlap of one chunk with one parameter tensor). The arithmetic per element
-is exactly the plain path's ``torch.add(w, e.to(dtype), alpha=±σ, out=p)`` (an elementwise kernel),
-so the written weights are bit-identical to it; ε_k itself never exists as a whole vector. With the
+is exactly the reference loop's (``tests/oracles.py``): ``torch.add(w, e.to(dtype), alpha=±σ, out=p)``
+(an elementwise kernel), so the written weights are bit-identical to it; ε_k itself never exists as a whole vector. With the
 philox stream off the CPU a direction is drawn whole on the device instead (one call, not one per
 chunk), and ``write_rows`` draws many at once for the batched engine.
 

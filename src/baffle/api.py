@@ -1,4 +1,8 @@
-"""The three public functions of the Python API (re-exported by ``baffle``)."""
+"""The three public functions of the Python API (re-exported by ``baffle``).
+
+``compute_loss_diffs`` (client, ``baffle.client``) and ``rebuild_gradient`` (server, ``baffle.rebuild``)
+are the two halves of a round; ``estimate_gradient`` runs both on one machine.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -7,34 +11,7 @@ import torch
 from torch import nn
 
 from baffle.client import Batch, LossFn, compute_loss_diffs
-from baffle.estimator import check_estimator_args, check_loss_diffs, num_directions
-from baffle.perturbation import check_distribution, check_stream
-from baffle.server import rebuild_gradient_dict
-
-
-def rebuild_gradient(
-    model: nn.Module,
-    loss_diffs: torch.Tensor,
-    *,
-    seed: int,
-    num_perturbations: int,
-    sigma: float,
-    scheme: str = "forward",
-    distribution: str = "gaussian",
-    stream: str = "mt19937",
-) -> dict[str, torch.Tensor]:
-    """ĝ = 1/(Kσ²) Σ_k δ_k ΔL_k (central: /2) from the K-vector alone, regenerating δ_k from ``seed``.
-
-    Returns {name: tensor} for every trainable parameter of ``model`` (same shape, dtype, device; the
-    rebuild runs on that device). ``loss_diffs`` may be the sum of several clients' vectors: the map
-    is linear. ``stream`` must be the one the clients used (``"mt19937"`` or ``"philox"``).
-    """
-    check_estimator_args(num_perturbations, sigma, scheme)
-    check_distribution(distribution)
-    check_stream(stream)
-    diffs = check_loss_diffs(loss_diffs, num_directions(num_perturbations, scheme))
-    return rebuild_gradient_dict(model, diffs, seed=seed, sigma=sigma, scheme=scheme, distribution=distribution,
-                                 stream=stream)
+from baffle.rebuild import rebuild_gradient
 
 
 def estimate_gradient(

@@ -11,16 +11,15 @@ Schemes:
 
 Estimate: ĝ = 1/(Kσ²) Σ_k δ_k ΔL_k = 1/(Kσ) Σ_k ε_k ΔL_k; central divides by 2 as well. K here is the
 number of directions actually used. ĝ is linear in ΔL, so K-vectors from several clients can be
-summed (or securely aggregated) before the rebuild.
+summed (or securely aggregated) before the rebuild. The rebuild itself, which regenerates the ε_k
+from the round seed, is ``baffle.rebuild.rebuild_gradient``; the client is
+``baffle.client.compute_loss_diffs``.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-
-from baffle.perturbation import directions
-from baffle.rebuild import combine_directions
 
 SCHEMES = ("forward", "central", "twice-fd")
 
@@ -55,14 +54,6 @@ def stein_coefficients(loss_diffs: torch.Tensor, sigma: float, scheme: str) -> t
     return loss_diffs * scale
 
 
-def stein_gradient(noise: torch.Tensor, loss_diffs: torch.Tensor, sigma: float, scheme: str) -> torch.Tensor:
-    """Dense reference: ĝ = 1/(Kσ) εᵀΔL for a (K, n) matrix ``noise`` of directions ε_k."""
-    if noise.dim() != 2 or noise.shape[0] != loss_diffs.numel():
-        raise ValueError(f"noise must be (K, n) with K = {loss_diffs.numel()}, got {tuple(noise.shape)}")
-    coeffs = stein_coefficients(loss_diffs.to(torch.float64), sigma, scheme)
-    return noise.to(torch.float64).T @ coeffs
-
-
 def check_loss_diffs(loss_diffs: torch.Tensor, expected: int, *, source: str = "loss_diffs") -> torch.Tensor:
     """Return ΔL as float64 after checking shape (expected,) and finiteness; ValueError otherwise."""
     t = torch.as_tensor(loss_diffs)
@@ -75,49 +66,11 @@ def check_loss_diffs(loss_diffs: torch.Tensor, expected: int, *, source: str = "
     return t
 
 
-def rebuild_flat_gradient(
-    num_params: int,
-    loss_diffs: torch.Tensor,
-    *,
-    seed: int,
-    sigma: float,
-    scheme: str,
-    distribution: str = "gaussian",
-    dtype: torch.dtype = torch.float32,
-    stream: str = "mt19937",
-    device=None,
-) -> torch.Tensor:
-    """ĝ = Σ_k c_k ε_k (length n, ``dtype``, on ``device``: default CPU) regenerated from the round seed.
-
-    Uses ``baffle.rebuild.combine_directions`` (on the CPU: both cores, chunk by chunk, bit-identical
-    to the one-thread loop ``for k: ĝ += c_k ε_k``, one chunk of ε per thread, never a whole ε_k; on
-    another device with the philox stream: computed there, bit-identical to that loop on that device).
-    """
-    coeffs = stein_coefficients(loss_diffs.to(torch.float64), sigma, scheme).tolist()
-    return combine_directions(num_params, coeffs, seed=seed, distribution=distribution, dtype=dtype,
-                              stream=stream, device=device)
-
-
-def rebuild_flat_gradient_plain(num_params: int, loss_diffs: torch.Tensor, *, seed: int, sigma: float,
-                                scheme: str, distribution: str = "gaussian", dtype: torch.dtype = torch.float32,
-                                stream: str = "mt19937", device=None) -> torch.Tensor:
-    """Reference loop for ``rebuild_flat_gradient``: one whole ε_k at a time (drawn on the CPU by
-    ``perturbation.directions``), ĝ += c_k ε_k in k order on ``device``."""
-    coeffs = stein_coefficients(loss_diffs.to(torch.float64), sigma, scheme).tolist()
-    grad = torch.zeros(num_params, dtype=dtype, device=device)
-    for k, eps in directions(num_params, seed, len(coeffs), distribution=distribution, stream=stream):
-        grad.add_(eps.to(device=grad.device, dtype=dtype), alpha=coeffs[k])
-    return grad
-
-
 __all__ = [
     "SCHEMES",
     "check_estimator_args",
     "check_loss_diffs",
     "forward_passes",
     "num_directions",
-    "rebuild_flat_gradient",
-    "rebuild_flat_gradient_plain",
     "stein_coefficients",
-    "stein_gradient",
 ]

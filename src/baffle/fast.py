@@ -1,19 +1,22 @@
-"""Fast forward-only client engines: ΔL_k at (nearly) the cost of K+1 inference forwards.
+"""The engines behind ``baffle.client.compute_loss_diffs``: how the losses L(W + s·σ·ε_k) are evaluated.
 
-Both engines evaluate the same list of *slots* — the unperturbed weights W (forward schemes) and
-W ± σ·ε_k — and combine the losses exactly as the plain loop does:
+``compute_loss_diffs`` lists the *slots* a scheme needs — the unperturbed weights W (forward
+schemes) and W ± σ·ε_k — and combines their losses into ΔL; a ``ClientEngine`` evaluates the slots,
+with the strategy its ``FastOptions`` choose:
 
-  forward / twice-fd   ΔL_k = L(W+σε_k) − L(W)          central   ΔL_k = L(W+σε_k) − L(W−σε_k)
-
-``sequential``  one reused work vector holds the current slot's weights; the model's parameters point
-                at it (``.data`` swap) and are put back afterwards. Extra memory: n numbers + one
-                noise chunk + inference activations. ΔL is bit-identical to the plain loop
-                (``baffle.client.plain_loss_diffs``) for the same seed, in the same memory format.
+``sequential``  (default) one reused work vector holds the current slot's weights; the model's
+                parameters point at it (``.data`` swap) and are put back afterwards. Extra memory: n
+                numbers + one noise chunk + inference activations. Each loss is bit-identical to
+                writing W ± σε_k into the parameters one direction at a time (the reference loop of
+                the tests) for the same seed, in the same memory format.
 ``batched``     P slots at once with ``torch.func.vmap`` over ``torch.func.functional_call``. The
                 weights are bit-identical, but batched matmul kernels round differently, so each loss
-                differs from the plain one by float32 rounding (a few ulp of L; see tests).
+                differs from the sequential one by float32 rounding (a few ulp of L; see tests).
 ``auto``        batched for fully connected models with a vmap-safe loss (where one slot's forward
                 is too small to fill the cores), sequential otherwise (conv nets on CPU: measured).
+``keep_rows``   every slot's weights are kept (when they fit the budget) for the engine's next call
+                on the same weights and directions: a runner whose clients share a round seed then
+                regenerates no noise after the first client.
 
 Devices: the engines compute on the model's device (weights, work rows, noise). With the philox
 stream off the CPU the directions are drawn there, and the batched engine draws a whole group of
@@ -42,9 +45,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from baffle._alloc import auto_tune_malloc
+from baffle._forward import Batch, LossFn, as_batches, mean_loss, validate_model
 from baffle._perturb import Perturber, swapped_data
-from baffle.client import Batch, LossFn, as_batches, mean_loss, validate_model
-from baffle.estimator import check_estimator_args, num_directions
 from baffle.perturbation import trainable_parameters
 
 MODES = ("auto", "sequential", "batched")
@@ -55,6 +57,8 @@ VMAP_SAFE_LOSSES = (F.cross_entropy, F.mse_loss, F.nll_loss)
 _DENSE_LEAVES = (nn.Linear, nn.Flatten, nn.Identity, nn.GroupNorm, nn.LayerNorm, nn.Dropout, nn.Hardswish,
                  nn.ReLU, nn.SELU, nn.GELU, nn.SiLU, nn.Tanh, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Softplus)
 
+Slot = tuple[int | None, float]  # (None, 0) is W; (k, s) is W + s·σ·ε_k
+
 
 @dataclass(frozen=True)
 class FastOptions:
@@ -62,10 +66,10 @@ class FastOptions:
     weights and inputs; results then follow channels_last kernels, within float32 rounding of
     NCHW; ``choose_memory_format`` measures which is faster); ``budget_bytes`` bounds one
     batched call's weights + activations; ``max_slots`` caps P; ``keep_rows`` keeps every slot's
-    weights (when S·n numbers fit in ``budget_bytes``) for the engine's next client: a runner whose
-    clients share a round seed then regenerates no noise after the first client."""
+    weights (when S·n numbers fit in ``budget_bytes``) for the engine's next call on the same
+    weights and directions."""
 
-    mode: str = "auto"
+    mode: str = "sequential"
     memory_format: str | None = None
     budget_bytes: int = 16 << 20
     max_slots: int = 512
@@ -76,25 +80,6 @@ class FastOptions:
             raise ValueError(f"unknown client mode {self.mode!r}; use one of {MODES}")
         if self.memory_format not in MEMORY_FORMATS:
             raise ValueError(f"unknown memory_format {self.memory_format!r}; use one of {MEMORY_FORMATS}")
-
-
-def scheme_slots(scheme: str, count: int) -> list[tuple[int | None, float]]:
-    """Evaluation order: (None, 0) is W; (k, s) is W + s·σ·ε_k."""
-    if scheme == "central":
-        return [(k, s) for k in range(count) for s in (1.0, -1.0)]
-    return [(None, 0.0)] + [(k, 1.0) for k in range(count)]
-
-
-def assemble(scheme: str, losses: Sequence[float]) -> tuple[list[float], float]:
-    """ΔL and L(W) from slot losses, in the plain loop's arithmetic order (central: mean of all)."""
-    if scheme != "central":
-        base = losses[0]
-        return [plus - base for plus in losses[1:]], base
-    diffs, sums = [], 0.0
-    for plus, minus in zip(losses[0::2], losses[1::2]):
-        diffs.append(plus - minus)
-        sums += plus + minus
-    return diffs, sums / len(losses)
 
 
 def is_dense(model: nn.Module) -> bool:
@@ -124,27 +109,55 @@ def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
 
 
 class ClientEngine:
-    """One round's client computation for a fixed model, seed and estimator, reusable across clients.
+    """The strategy of ``compute_loss_diffs`` (``options``), and what it keeps between calls.
 
-    The model's weights must not change while the engine is in use (the runner builds one per round).
+    It keeps the set-up of its last call — the perturbation plan, the activation probe and, with
+    ``keep_rows``, every slot's weights — and reuses it when the next call has the same model, the
+    same weights (same tensors, not modified in place since), seed, σ, distribution, stream and
+    slots; anything else starts afresh. A runner builds one per round and passes it to each client.
     """
 
-    def __init__(self, model: nn.Module, *, seed: int, num_perturbations: int, sigma: float,
-                 scheme: str = "forward", distribution: str = "gaussian", options: FastOptions = FastOptions(),
-                 stream: str = "mt19937"):
-        check_estimator_args(num_perturbations, sigma, scheme)
-        validate_model(model)
-        auto_tune_malloc()  # many forwards follow: keep their scratch buffers (BAFFLE_TUNE_MALLOC=0 opts out)
-        self.model, self.scheme, self.options = model, scheme, options
+    def __init__(self, options: FastOptions = FastOptions()):
+        if not isinstance(options, FastOptions):
+            raise TypeError(f"options must be a baffle.fast.FastOptions, got {type(options).__name__}")
+        self.options = options
+        self._key: tuple | None = None
+        self._round: _Round | None = None
+
+    def slot_losses(self, model: nn.Module, batches: list[Batch], loss_fn: LossFn, slots: Sequence[Slot], *,
+                    seed: int, sigma: float, distribution: str, stream: str) -> list[float]:
+        """[L(W + s·σ·ε_k) for (k, s) in slots] ((None, 0): L(W)), each the example-weighted mean over
+        ``batches``; the model itself is never written."""
         named = trainable_parameters(model)
         if not named:
             raise ValueError("model has no trainable parameters to perturb")
+        key = (id(model), tuple((p.data_ptr(), p._version, p.shape, p.dtype, p.device) for _, p in named),
+               seed, sigma, distribution, stream, tuple(slots))
+        if key != self._key:
+            self._key, self._round = None, None  # free the previous set-up before building the next
+            self._round = _Round(model, named, list(slots), self.options, seed=seed, sigma=sigma,
+                                 distribution=distribution, stream=stream)
+            self._key = key
+        with torch.no_grad():
+            return self._round.losses(batches, loss_fn)
+
+
+class _Round:
+    """One set-up: a model's current weights, the directions of one seed and the slots to evaluate."""
+
+    def __init__(self, model: nn.Module, named, slots: list[Slot], options: FastOptions, *, seed: int,
+                 sigma: float, distribution: str, stream: str):
+        self.model, self.slots, self.options = model, slots, options
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
         self.perturber = Perturber(self.params, seed=seed, sigma=sigma, distribution=distribution, stream=stream)
-        self.slots = scheme_slots(scheme, num_directions(num_perturbations, scheme))
         self._rows: torch.Tensor | None = None  # every slot's weights (keep_rows)
         self._act_bytes: dict[tuple, int] = {}  # activation probe per input shape
+
+    def losses(self, batches: list[Batch], loss_fn: LossFn) -> list[float]:
+        if self.mode_for(batches, loss_fn) == "batched":
+            return self._batched(batches, loss_fn)
+        return self._sequential(batches, loss_fn)
 
     def mode_for(self, batches: list[Batch], loss_fn: LossFn) -> str:
         mode = self.options.mode
@@ -161,17 +174,6 @@ class ClientEngine:
             self._act_bytes[key] = activation_bytes(self.model, x)
         per = self.perturber.n * self.params[0].element_size() + self._act_bytes[key]
         return max(1, min(self.options.budget_bytes // per, self.options.max_slots, len(self.slots)))
-
-    def loss_diffs(self, batch: Batch | Sequence[Batch], loss_fn: LossFn) -> tuple[torch.Tensor, float]:
-        """(ΔL as a float64 CPU vector, L(W)) on this client's batches."""
-        batches = as_batches(batch)
-        with torch.no_grad():
-            if self.mode_for(batches, loss_fn) == "batched":
-                losses = self._batched(batches, loss_fn)
-            else:
-                losses = self._sequential(batches, loss_fn)
-        diffs, loss = assemble(self.scheme, losses)
-        return torch.tensor(diffs, dtype=torch.float64), loss
 
     def _write(self, row: torch.Tensor, slot: tuple[int | None, float], plan=None) -> None:
         k, sign = slot
@@ -311,15 +313,6 @@ def choose_memory_format(model: nn.Module, batch: Batch | Sequence[Batch], loss_
     return "channels_last" if channels_last <= (1 - CHANNELS_LAST_MIN_GAIN) * nchw else None
 
 
-def loss_diffs(model: nn.Module, batch: Batch | Sequence[Batch], *, loss_fn: LossFn, seed: int,
-               num_perturbations: int, sigma: float, scheme: str = "forward", distribution: str = "gaussian",
-               options: FastOptions = FastOptions(), stream: str = "mt19937") -> tuple[torch.Tensor, float]:
-    """One client's (ΔL, L(W)) with the fast engines; see ``ClientEngine`` and the module docstring."""
-    engine = ClientEngine(model, seed=seed, num_perturbations=num_perturbations, sigma=sigma, scheme=scheme,
-                          distribution=distribution, options=options, stream=stream)
-    return engine.loss_diffs(batch, loss_fn)
-
-
 def runner_options(device: torch.device | str, memory_format: str | None = None) -> FastOptions:
     """The runners' engine (kept rows, so clients sharing a round seed regenerate no noise): sequential
     on the CPU; off the CPU batched with ``DEVICE_BUDGET_BYTES`` (P from the model and batch shapes
@@ -330,5 +323,4 @@ def runner_options(device: torch.device | str, memory_format: str | None = None)
     return FastOptions(mode="batched", keep_rows=True, budget_bytes=DEVICE_BUDGET_BYTES)
 
 
-__all__ = ["ClientEngine", "DEVICE_BUDGET_BYTES", "FastOptions", "MODES", "assemble", "choose_memory_format",
-           "loss_diffs", "runner_options", "scheme_slots"]
+__all__ = ["ClientEngine", "DEVICE_BUDGET_BYTES", "FastOptions", "MODES", "choose_memory_format", "runner_options"]

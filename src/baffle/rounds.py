@@ -18,10 +18,11 @@ from torch import nn
 
 from baffle.client import Batch, LossFn, compute_loss_diffs
 from baffle.estimator import check_estimator_args, num_directions
-from baffle.fast import ClientEngine, FastOptions
+from baffle.fast import ClientEngine
 from baffle.perturbation import check_distribution, check_stream, derive_seed, trainable_parameters
+from baffle.rebuild import rebuild_gradient
 from baffle.server import (ClientReply, ServerState, aggregate_loss_diffs, average_state, check_reply, client_weights,
-                           clip_gradients, combine_gradients, rebuild_gradient_dict)
+                           clip_gradients, combine_gradients)
 
 _ROUND_TAG, _CLIENT_TAG = 0x5EED, 0xC11E
 PERTURBATIONS = ("shared", "per-client")
@@ -79,31 +80,15 @@ def plan_round(base_seed: int, server_round: int, estimator: EstimatorSpec,
     return RoundPlan(server_round, derive_seed(base_seed, server_round, _ROUND_TAG), estimator, perturbations)
 
 
-RUNNER_CLIENT = FastOptions(mode="sequential", keep_rows=True)
-
-
-def client_engine(model: nn.Module, plan: RoundPlan, options: FastOptions = RUNNER_CLIENT,
-                  client_id: int = 0) -> ClientEngine:
-    """Client ``client_id``'s computation this round (build it per round: it reads the weights as they
-    are now); with shared perturbations one engine serves all the round's clients. The default is
-    bit-identical to ``compute_loss_diffs`` and, when all K+1 weight vectors fit in its budget,
-    generates them once per round instead of once per client."""
-    e = plan.estimator
-    return ClientEngine(model, seed=plan.client_seed(client_id), num_perturbations=e.num_perturbations,
-                        sigma=e.sigma,
-                        scheme=e.scheme, distribution=e.distribution, options=options, stream=e.stream)
-
-
 def baffle_client_update(model: nn.Module, batches: Sequence[Batch], plan: RoundPlan, loss_fn: LossFn,
                          client_id: int | str, engine: ClientEngine | None = None) -> ClientReply:
-    """One client's reply; pass the round's ``client_engine`` to share its set-up across clients."""
+    """One client's reply. ``engine``: how ΔL is computed (``compute_loss_diffs``; default sequential);
+    a runner passes one engine to all the round's clients, which then share its set-up (and, with
+    shared directions and ``keep_rows``, the perturbed weights)."""
     e = plan.estimator
-    if engine is not None:
-        diffs, loss = engine.loss_diffs(list(batches), loss_fn)
-    else:
-        diffs, loss = compute_loss_diffs(model, list(batches), loss_fn=loss_fn, seed=plan.client_seed(client_id),
-                                         num_perturbations=e.num_perturbations, sigma=e.sigma, scheme=e.scheme,
-                                         distribution=e.distribution, return_loss=True, stream=e.stream)
+    diffs, loss = compute_loss_diffs(model, list(batches), loss_fn=loss_fn, seed=plan.client_seed(client_id),
+                                     num_perturbations=e.num_perturbations, sigma=e.sigma, scheme=e.scheme,
+                                     distribution=e.distribution, return_loss=True, stream=e.stream, engine=engine)
     return ClientReply(client_id, diffs, sum(len(y) for _, y in batches), loss)
 
 
@@ -146,8 +131,8 @@ def baffle_server_update(state: ServerState, replies: Sequence[ClientReply], pla
 
 
 def _rebuild(model: nn.Module, diffs: torch.Tensor, seed: int, e: EstimatorSpec) -> dict[str, torch.Tensor]:
-    return rebuild_gradient_dict(model, diffs, seed=seed, sigma=e.sigma, scheme=e.scheme, distribution=e.distribution,
-                                 stream=e.stream)
+    return rebuild_gradient(model, diffs, seed=seed, num_perturbations=e.num_perturbations, sigma=e.sigma,
+                            scheme=e.scheme, distribution=e.distribution, stream=e.stream)
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, model: nn.Module, grads: dict[str, torch.Tensor]) -> None:

@@ -1,4 +1,5 @@
-"""Server side of a round: aggregate client K-vectors, rebuild ĝ, step a stock torch optimizer.
+"""Server side of a round: aggregate client K-vectors, step a stock torch optimizer with the rebuilt ĝ
+(the rebuild itself: ``baffle.rebuild.rebuild_gradient``).
 
 Stateless helpers (aggregation, rebuild) are functions; ``ServerState`` bundles the objects that
 persist between rounds (model, optimizer, LR schedule, optional EMA) and can be checkpointed.
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from baffle.estimator import check_loss_diffs, rebuild_flat_gradient
+from baffle.estimator import check_loss_diffs
 from baffle.perturbation import split_like, trainable_parameters
 
 
@@ -60,28 +61,6 @@ def aggregate_loss_diffs(replies: Sequence[ClientReply], expected_len: int,
     for w, v in zip(client_weights([r.num_examples for r in replies], weighting), vectors):
         out.add_(v, alpha=w)
     return out
-
-
-def rebuild_gradient_dict(
-    model: nn.Module,
-    loss_diffs: torch.Tensor,
-    *,
-    seed: int,
-    sigma: float,
-    scheme: str,
-    distribution: str = "gaussian",
-    stream: str = "mt19937",
-) -> dict[str, torch.Tensor]:
-    """ĝ as {name: tensor} shaped, typed and placed like the model's trainable parameters (rebuilt on
-    their device: ``estimator.rebuild_flat_gradient``)."""
-    named = trainable_parameters(model)
-    params = [p for _, p in named]
-    dtype = params[0].dtype if params else torch.float32
-    device = params[0].device if params else None
-    flat = rebuild_flat_gradient(sum(p.numel() for p in params), loss_diffs, seed=seed, sigma=sigma,
-                                 scheme=scheme, distribution=distribution, dtype=dtype, stream=stream,
-                                 device=device)
-    return {name: g.to(device=p.device, dtype=p.dtype) for (name, p), g in zip(named, split_like(flat, params))}
 
 
 def average_state(states: Sequence[tuple[dict[str, torch.Tensor], int]],

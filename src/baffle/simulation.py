@@ -22,7 +22,7 @@ from baffle.devices import resolve_device
 from baffle.estimator import forward_passes
 from baffle.models import build_model
 from baffle.perturbation import derive_seed, num_trainable, trainable_parameters
-from baffle.fast import FastOptions, choose_memory_format, runner_options
+from baffle.fast import ClientEngine, FastOptions, choose_memory_format, runner_options
 from baffle.server import OptimizerSpec, ServerState, build_optimizer
 
 _INIT_TAG, _SAMPLE_TAG, _ORDER_TAG, _AUGMENT_TAG = 0x1417, 0x5A3F, 0x0BD3, 0xA06E
@@ -258,10 +258,8 @@ class Simulation:
     def _baffle_fedsgd(self, clients, plan) -> float:
         c = self.config
         batches = {cid: self.client_batch(cid) for cid in clients}
-        options = self._client_options(batches[clients[0]])
-        engine = R.client_engine(self.model, plan, options) if plan.perturbations == "shared" else None
-        replies = [R.baffle_client_update(self.model, [batches[cid]], plan, cross_entropy, cid,
-                                          engine or R.client_engine(self.model, plan, options, cid))
+        engine = ClientEngine(self._client_options(batches[clients[0]]))  # shared by the round's clients
+        replies = [R.baffle_client_update(self.model, [batches[cid]], plan, cross_entropy, cid, engine)
                    for cid in clients]
         combined = self._combine(replies, plan)
         R.baffle_server_update(self.server, replies, plan, weighting=c.client_weights, update_ema=self._ema_now,
