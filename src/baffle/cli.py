@@ -99,7 +99,7 @@ RUN_FLAGS = {
     "no_progress": ("no progress bar or progress lines (the start and final lines are still printed)", "off"),
     "threads": ("torch CPU threads; 1 is much faster when other processes compete for the cores. Recorded in "
                 "the checkpoint: --resume uses it, and refuses a different value (results can differ in the last "
-                "bits between thread counts)", "torch's choice; on --resume the run's"),
+                "bits between thread counts)", "1 with --workers > 1, else torch's choice; on --resume the run's"),
     "workers": ("client processes for method baffle (FedSGD) on the CPU: each computes its share of a round's "
                 "clients with one torch thread (the main process, which does the server step, uses one too); "
                 "the results are bit-identical to one process with --threads 1. auto: min(usable CPUs, clients "
