@@ -91,7 +91,7 @@ class Accepted(Exception):
 
 @pytest.fixture
 def stop_before_data(monkeypatch, tmp_path):
-    def accepted(config):
+    def accepted(config, **_options):  # the runtime options (workers) do not matter here
         raise Accepted(config)
 
     monkeypatch.setattr(training, "Simulation", accepted)

@@ -32,7 +32,7 @@ LAYERS = {
     "devices": 0, "_forward": 0,
     "client": 1, "server": 1, "data": 1, "fast": 1, "models": 2,
     "rounds": 3, "config": 3, "api": 3, "protection": 3,
-    "simulation": 4, "cursors": 4, "training": 5, "flower": 5, "report": 5, "analyze": 5, "cli": 6,
+    "simulation": 4, "cursors": 4, "workers": 4, "training": 5, "flower": 5, "report": 5, "analyze": 5, "cli": 6,
 }
 
 

@@ -99,7 +99,13 @@ RUN_FLAGS = {
     "no_progress": ("no progress bar or progress lines (the start and final lines are still printed)", "off"),
     "threads": ("torch CPU threads; 1 is much faster when other processes compete for the cores. Recorded in "
                 "the checkpoint: --resume uses it, and refuses a different value (results can differ in the last "
-                "bits between thread counts)", "torch's choice; on --resume the run's"),
+                "bits between thread counts)", "1 with --workers > 1, else torch's choice; on --resume the run's"),
+    "workers": ("client processes for method baffle (FedSGD) on the CPU: each computes its share of a round's "
+                "clients with one torch thread (the main process, which does the server step, uses one too); "
+                "the results are bit-identical to one process with --threads 1. auto: min(usable CPUs, clients "
+                "per round), or 1 (one process, as without workers) for other methods, --device cuda or "
+                "--threads > 1. N > 1 with --threads > 1, another method or a GPU is refused. Changes only "
+                "speed, so it may change on --resume", "auto"),
     "checkpoint_every": ("also checkpoint between evaluations: every N rounds, Ns / Nm / Nh, both ('100,5m'; "
                          "whichever comes first) or none (evaluations only). Only changes speed: recorded, and may "
                          "change on --resume", "5m; on --resume the run's"),
@@ -152,7 +158,8 @@ def _parser() -> argparse.ArgumentParser:
     for name in FIELDS:
         train.add_argument(flag(name), dest=name, default=argparse.SUPPRESS, metavar="V",
                            help=_help(HELP[name], default_text(name)))
-    metavars = {"config": "FILE.toml", "threads": "N", "checkpoint_every": "SPEC", "log_every": "SPEC"}
+    metavars = {"config": "FILE.toml", "threads": "N", "workers": "N|auto", "checkpoint_every": "SPEC",
+                "log_every": "SPEC"}
     for name, (meaning, default) in RUN_FLAGS.items():
         kind = {"action": "store_true"} if name not in metavars else {"metavar": metavars[name]}
         kind.update({"type": int} if name == "threads" else {})
@@ -225,7 +232,16 @@ def _run_options(args: argparse.Namespace):
         raise ValueError(f"--threads must be between 1 and {MAX_THREADS}, got {args.threads}")
     every = None if args.checkpoint_every is None else parse_cadence(args.checkpoint_every, "--checkpoint-every")
     log = parse_cadence(args.log_every or DEFAULT_LOG_EVERY, "--log-every")
-    return RunOptions(threads=args.threads, checkpoint_every=every, log_every=log, announce=True)
+    return RunOptions(threads=args.threads, workers=_workers_flag(args.workers), checkpoint_every=every,
+                      log_every=log, announce=True)
+
+
+def _workers_flag(text: str | None) -> int | str:
+    if text is None or text.strip().lower() == "auto":
+        return "auto"
+    if not re.fullmatch(r"\s*\d+\s*", text) or not 1 <= int(text) <= MAX_THREADS:
+        raise ValueError(f"--workers must be 'auto' or an integer between 1 and {MAX_THREADS}, got {text!r}")
+    return int(text)
 
 
 def fresh_out(config: TrainConfig, root: str | Path = "runs") -> str:

@@ -186,10 +186,18 @@ class Simulation:
 
     ``secagg_dropouts(server_round, client_ids) -> (dropped before masking, silent after masking)``
     injects secure-aggregation dropouts (tests, benchmarks); in-process, clients never drop out otherwise.
+
+    ``workers`` > 1 computes the clients' replies of method "baffle" in that many processes with one
+    torch thread each (``baffle.workers.ClientPool``, started at the first round, ``start_method``
+    as there); the replies, and so the run, are bit-identical to one process with one thread. Call
+    ``close`` (or use ``with``) to shut the workers down.
     """
 
-    def __init__(self, config: TrainConfig, *, secagg_dropouts=None):
+    def __init__(self, config: TrainConfig, *, secagg_dropouts=None, workers: int = 1,
+                 start_method: str | None = None):
         self.config = c = config
+        check_workers(workers, c)
+        self.workers, self.start_method, self._pool = workers, start_method, None
         data = load_dataset(c.dataset, c.data_dir, image_size=c.image_size, normalize=c.normalize)
         if c.clients > len(data.train_targets):  # refused before partitioning allocates per-client lists
             raise ValueError(f"--clients {c.clients}: more clients than the {len(data.train_targets)} training "
@@ -258,9 +266,14 @@ class Simulation:
     def _baffle_fedsgd(self, clients, plan) -> float:
         c = self.config
         batches = {cid: self.client_batch(cid) for cid in clients}
-        engine = ClientEngine(self._client_options(batches[clients[0]]))  # shared by the round's clients
-        replies = [R.baffle_client_update(self.model, [batches[cid]], plan, cross_entropy, cid, engine)
-                   for cid in clients]
+        options = self._client_options(batches[clients[0]])
+        if self.workers > 1:
+            replies = self._client_pool().baffle_replies(self.model, [(cid, batches[cid]) for cid in clients],
+                                                         plan, cross_entropy, options)
+        else:
+            engine = ClientEngine(options)  # shared by the round's clients
+            replies = [R.baffle_client_update(self.model, [batches[cid]], plan, cross_entropy, cid, engine)
+                       for cid in clients]
         combined = self._combine(replies, plan)
         R.baffle_server_update(self.server, replies, plan, weighting=c.client_weights, update_ema=self._ema_now,
                                combined=combined)
@@ -268,6 +281,25 @@ class Simulation:
         if not (self.protection and self.protection.secure_aggregation):  # else counted by _combine
             self.counters.bytes_up += len(replies) * 8 * (self.estimator.num_directions + 2)
         return _weighted_mean([(r.loss, r.num_examples) for r in replies])
+
+    def _client_pool(self):
+        if self._pool is None:
+            from baffle.workers import ClientPool
+
+            self._pool = ClientPool(self.model, self.workers, start_method=self.start_method)
+        return self._pool
+
+    def close(self) -> None:
+        """Shut the worker processes down, if any were started (idempotent)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    def __enter__(self) -> "Simulation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def client_batch(self, cid: int) -> R.Batch:
         """Client ``cid``'s next training batch (labels flipped for a malicious client under label-flip)."""
@@ -397,6 +429,21 @@ class Simulation:
             self.ledger.load_state_dict(state["privacy"])
 
 
+def check_workers(workers, config: TrainConfig) -> None:
+    """ValueError (one line) unless ``workers`` applies: an integer >= 1; > 1 only for method "baffle" on
+    the CPU (the other methods and a GPU run in one process)."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"--workers must be an integer >= 1 or 'auto', got {workers!r}")
+    if workers == 1:
+        return
+    if config.method != "baffle":
+        raise ValueError(f"--workers {workers}: parallel workers cover method baffle (FedSGD) only, not "
+                         f"--method {config.method}; use --workers 1")
+    if config.device != "cpu" and resolve_device(config.device).type != "cpu":
+        raise ValueError(f"--workers {workers}: workers are CPU processes, and --device {config.device} "
+                         "computes on the GPU; use --workers 1 or --device cpu")
+
+
 def _partition_culprit(message: str, c: TrainConfig) -> str:
     """The flag(s) a partition error is about (its message names the partitioner's parameter)."""
     if message.startswith("val_per_class"):
@@ -420,4 +467,4 @@ def _weighted_mean(pairs) -> float:
     return sum(v * n for v, n in pairs) / total
 
 
-__all__ = ["ClientShards", "Simulation", "evaluate", "protection_spec", "rounds_sampled_before", "sample_clients"]
+__all__ = ["ClientShards", "Simulation", "check_workers", "evaluate", "protection_spec", "rounds_sampled_before", "sample_clients"]

@@ -6,7 +6,10 @@ EMA is on) and ``checkpoint.pt`` (everything needed to continue: written atomica
 at every evaluation and by the ``checkpoint_every`` cadence).
 
 A checkpoint also records the run's *runtime* settings, which are not part of ``TrainConfig``:
-``threads`` (changes results in the last bits: a different explicit value is refused on resume) and
+``threads`` (changes results in the last bits: a different explicit value is refused on resume),
+``workers`` (client processes of one torch thread each, ``baffle.workers``: changes only speed, so
+it is resolved afresh on every start; it needs ``threads`` 1, which it implies when ``threads`` is
+neither given nor recorded) and
 ``checkpoint_every`` (changes only speed: a new explicit value is used and recorded) and ``device``
 (the resolved ``--device``: cpu or cuda; ``device_name`` the card). Resuming on another device changes
 results by floating-point rounding (other kernels), so it is never silent: ``--device auto`` that
@@ -90,10 +93,14 @@ class RunOptions:
     """How a run is executed (not what it computes; see the module docstring for the stored ones).
 
     ``threads`` / ``checkpoint_every``: explicit values (None: the checkpoint's on resume, else torch's
-    thread count / ``DEFAULT_CHECKPOINT_EVERY``). ``clock``: seconds (tests pass a fake one).
+    thread count / ``DEFAULT_CHECKPOINT_EVERY``). ``workers``: an integer, or "auto" (``resolve_workers``);
+    ``start_method``: the workers' (``baffle.workers``; None: fork where available). ``clock``: seconds
+    (tests pass a fake one).
     """
 
     threads: int | None = None
+    workers: int | str = "auto"
+    start_method: str | None = None
     checkpoint_every: Cadence | None = None
     log_every: Cadence = field(default_factory=lambda: parse_cadence(DEFAULT_LOG_EVERY, "log_every"))
     announce: bool = False  # print the start line (the CLI does)
@@ -171,9 +178,11 @@ def _check_compatible(config: TrainConfig, saved: dict) -> None:
                          "--eval-every, --checkpoint-every and --device may change")
 
 
-def resolve_runtime(options: RunOptions, stored: dict | None, out: Path, device: str = "cpu", done: int = 0) -> dict:
+def resolve_runtime(options: RunOptions, stored: dict | None, out: Path, device: str = "cpu", done: int = 0,
+                    config: TrainConfig | None = None) -> dict:
     """The run's runtime settings: explicit options, else the checkpoint's, else defaults; ``device`` is
-    the config's ``--device`` and ``done`` the checkpoint's round (see the module docstring)."""
+    the config's ``--device`` and ``done`` the checkpoint's round (see the module docstring); ``config``
+    (None: one process) sizes ``workers``."""
     stored = stored or {}
     saved_threads = stored.get("threads")
     if not (isinstance(saved_threads, int) and saved_threads >= 1):
@@ -186,9 +195,37 @@ def resolve_runtime(options: RunOptions, stored: dict | None, out: Path, device:
     every = options.checkpoint_every
     if every is None:
         every = parse_cadence(stored.get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY), "--checkpoint-every")
-    return {"threads": options.threads or saved_threads or torch.get_num_threads(),
-            "checkpoint_every": str(every), "torch": str(torch.__version__),
-            **_device_runtime(device, stored if stored else None, out, done)}
+    placed = _device_runtime(device, stored if stored else None, out, done)
+    threads = options.threads or saved_threads
+    workers = 1 if config is None else resolve_workers(options.workers, config, threads, placed["device"],
+                                                        explicit_threads=options.threads is not None, out=out)
+    return {"threads": threads or (1 if workers > 1 else torch.get_num_threads()), "workers": workers,
+            "checkpoint_every": str(every), "torch": str(torch.__version__), **placed}
+
+
+def resolve_workers(setting: int | str, config: TrainConfig, threads: int | None, device: str = "cpu", *,
+                    explicit_threads: bool = True, out: Path | None = None) -> int:
+    """Client worker processes for a run. "auto": min(CPUs this process may use, clients per round) for
+    method baffle on the CPU when ``threads`` (given or recorded) is at most 1, else 1 (one process, as
+    before workers existed). An explicit N > 1 is refused where it does not apply (another method, a
+    GPU, ``threads`` > 1: each worker runs one torch thread)."""
+    from baffle.simulation import check_workers
+    from baffle.workers import available_cpus
+
+    if setting == "auto":
+        if config.method != "baffle" or device != "cpu" or (threads or 1) > 1:
+            return 1
+        return max(1, min(available_cpus(), sampled_clients(config)))
+    check_workers(setting, config)
+    if setting > 1 and (threads or 1) > 1:
+        if explicit_threads:
+            raise ValueError(f"--workers {setting} with --threads {threads}: each worker runs one torch thread; "
+                             f"use --threads 1 (or leave it out) with --workers {setting}, or --workers 1 for "
+                             f"{threads} threads in one process")
+        raise ValueError(f"--workers {setting}: the run in {out} was computed with --threads {threads} in one "
+                         "process, and the thread count can change the last bits; resume with --workers 1 "
+                         "(or without --workers)")
+    return setting
 
 
 def _device_runtime(setting: str, stored: dict | None, out: Path, done: int) -> dict:
@@ -223,7 +260,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, o
     else:
         _check_compatible(config, ckpt["config"])
     runtime = resolve_runtime(options, ckpt.get("runtime") if ckpt else None, out, config.device,
-                              ckpt["round"] if ckpt else 0)
+                              ckpt["round"] if ckpt else 0, config=config)
     if ckpt is not None and config.rounds is not None:
         _check_rounds(config, config.rounds, ckpt["round"], out)  # before the data loads, when it can be
     if options.announce:
@@ -235,10 +272,12 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, o
     before = torch.get_num_threads()
     torch.set_num_threads(runtime["threads"])
     try:
-        sim = Simulation(config)  # validates data, partition and model before anything is written
-        _check_rounds(config, sim.rounds, ckpt["round"] if ckpt else 0, out)
-        _check_privacy_budget(sim, ckpt, out)
-        return _Run(sim, out, runtime, options, progress).run(ckpt)
+        # validates data, partition and model before anything is written
+        sim = Simulation(config, workers=runtime["workers"], start_method=options.start_method)
+        with sim:  # shuts the workers down, also on an error or Ctrl-C
+            _check_rounds(config, sim.rounds, ckpt["round"] if ckpt else 0, out)
+            _check_privacy_budget(sim, ckpt, out)
+            return _Run(sim, out, runtime, options, progress).run(ckpt)
     finally:
         torch.set_num_threads(before)
 
@@ -401,7 +440,12 @@ def start_line(sim: Simulation, start: int, runtime: dict) -> str:
             f"{c.partition}, {method}{protection_text(sim)}, {c.optimizer} lr {c.lr:g}, batch {c.batch_size}, "
             f"seed {c.seed}; {length}; "
             f"evaluation every {sim.eval_every} rounds, checkpoint every {runtime['checkpoint_every']}, "
-            f"threads {runtime['threads']}, device {runtime.get('device_name', 'cpu')}")
+            f"threads {runtime['threads']}{_workers_text(runtime)}, device {runtime.get('device_name', 'cpu')}")
+
+
+def _workers_text(runtime: dict) -> str:
+    workers = runtime.get("workers", 1)
+    return f", {workers} client workers" if workers > 1 else ""
 
 
 def protection_text(sim: Simulation) -> str:
