@@ -197,3 +197,48 @@ def test_worker_failure_is_a_round_failure_raised_before_the_server_step(tmp_pat
             sim.run_round(0)
         assert all(torch.equal(before[k], v) for k, v in sim.model.state_dict().items())
     assert multiprocessing.active_children() == []
+
+
+_ORPHAN_SCRIPT = """
+import sys, time, torch
+from baffle.fast import FastOptions
+from baffle.rounds import EstimatorSpec, plan_round
+from baffle.workers import ClientPool
+model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+pool = ClientPool(model, 2)
+plan = plan_round(1, 0, EstimatorSpec(num_perturbations=2, sigma=1e-3))
+items = [(c, (torch.ones(3, 4), torch.zeros(3, dtype=torch.long))) for c in range(2)]
+pool.baffle_replies(model, items, plan, torch.nn.functional.cross_entropy, FastOptions())
+print(" ".join(str(p) for p in pool._executor._processes), flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not os.sys.platform.startswith("linux"), reason="parent-death signal is Linux only")
+def test_workers_exit_when_the_runner_is_killed_with_sigkill():
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids), "worker processes outlived a SIGKILLed runner"
+    finally:
+        proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False

@@ -13,13 +13,16 @@ torch thread. The server step stays in the parent.
 Start method: ``fork`` where the platform has it (the children start without re-importing torch and
 share the parent's pages copy-on-write), else ``spawn`` (the model is pickled to each child); both
 compute the same numbers. Workers ignore SIGINT: the parent handles Ctrl-C and ``close`` shuts the
-pool down, waiting for the workers to exit.
+pool down, waiting for the workers to exit. On Linux each worker also asks the kernel for SIGTERM when
+its parent dies (``prctl(PR_SET_PDEATHSIG)``), so a runner killed with SIGKILL leaves no worker behind.
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -72,7 +75,7 @@ class ClientPool:
         self.workers, self.start_method = workers, method
         context = multiprocessing.get_context(method)
         self._executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                             initargs=(model,))
+                                             initargs=(model, os.getpid()))
 
     def baffle_replies(self, model: nn.Module, items: list[tuple[int, R.Batch]], plan: R.RoundPlan, loss_fn,
                        options: FastOptions) -> list[ClientReply]:
@@ -113,10 +116,27 @@ def _first_line(e: BaseException) -> str:
 
 
 _MODEL: nn.Module | None = None  # the worker's copy of the model (set by _init_worker)
+_PARENT_PID = 0
+_PR_SET_PDEATHSIG = 1
 
 
-def _init_worker(model: nn.Module) -> None:
-    global _MODEL
+def _exit_with_parent() -> None:
+    """Linux: have the kernel send this worker SIGTERM when the parent dies, however it dies (SIGKILL too)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl: the pool's own shutdown still applies
+        return
+    if os.getppid() != _PARENT_PID:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _init_worker(model: nn.Module, parent_pid: int) -> None:
+    global _MODEL, _PARENT_PID
+    _PARENT_PID = parent_pid
+    _exit_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     torch.set_num_threads(1)
     auto_tune_malloc()  # as the parent's first client call does (inherited under fork; spawn starts afresh)
