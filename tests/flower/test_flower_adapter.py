@@ -185,7 +185,7 @@ def test_server_equals_baffle_train_bit_for_bit(tmp_path, task_identity, config)
 # EMA, SGD momentum / Adam moments of every partition's local optimizer, per-client directions, clipping
 BP = {k: v for k, v in TINY.items() if k != "num_perturbations"}
 OTHER_METHODS = {
-    "bp-fedsgd": {**BP, "method": "bp-fedsgd", "lr": 0.05, "fraction": 0.67, "ema_decay": 0.9, "clip": 0.5},
+    "bp-fedsgd": {**BP, "method": "bp-fedsgd", "lr": 0.05, "fraction": 0.67, "ema_decay": 0.9, "clip": 0.02},
     "bp-fedavg": {**BP, "method": "bp-fedavg", "optimizer": "sgd", "momentum": 0.9, "lr": 0.02, "local_epochs": 2,
                   "fraction": 0.67, "val_per_class": 2},
     "baffle-fedavg": {**TINY, "method": "baffle-fedavg", "fraction": 0.67, "perturbations": "per-client",

@@ -96,7 +96,8 @@ def test_flower_simulation_runs_the_backprop_and_epoch_level_methods_as_baffle_t
     config = {**OTHER_METHODS[method], "clients": 2, "fraction": 1.0, "rounds": 2}
     table = app_config(config, {"out": str(tmp_path / "flower")}, {"round_timeout": 60})
     summary = deploy(table, 2, engine="simulation", workdir=tmp_path / "work", timeout=300)
-    assert summary["rounds"] == 2 and [x["replies_used"] for x in lines(tmp_path / "flower" / "rounds.jsonl")] == [2, 2]
+    assert summary["rounds"] == 2
+    assert [x["replies_used"] for x in lines(tmp_path / "flower" / "rounds.jsonl")] == [2, 2]
     train(make_config(config, {"out": str(tmp_path / "ref")}), progress=False)
     assert_same_model_and_metrics(tmp_path / "flower", tmp_path / "ref")
 

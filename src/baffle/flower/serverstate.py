@@ -44,7 +44,8 @@ def check_flower_config(config: TrainConfig) -> None:
         raise ValueError("--memory-format channels_last: not available on Flower (its clients compute in NCHW); "
                          "use nchw")
     on = [name for name, value in (("secure_aggregation", config.secure_aggregation), ("dp_clip", config.dp_clip),
-                                   ("aggregator", config.aggregator not in (None, "mean")), ("attack", config.attack)) if value]
+                                   ("aggregator", config.aggregator not in (None, "mean")),
+                                   ("attack", config.attack)) if value]
     if on:
         raise ValueError(f"{flag(on[0])}: not available on Flower yet (secure aggregation, DP, robust aggregators and "
                          "attacks run in-process); run it with `baffle train`")
@@ -97,7 +98,9 @@ class ServerRun:
         self.eval_every = c.eval_every or self.rounds_per_epoch
         self.layout = "nchw"  # Flower clients compute in NCHW
         # epoch-level methods: partition → its local optimizer's state (None until its first round)
-        self.local_optimizers: list[dict | None] | None = [None] * c.clients if c.method in FEDAVG_METHODS else None
+        self.local_optimizers: list[dict | None] | None = None
+        if c.method in FEDAVG_METHODS:
+            self.local_optimizers = [None] * c.clients
         self.evaluator: Callable[[ServerRun], dict] | None = None
 
     def ema_due(self, server_round: int) -> bool:
@@ -117,8 +120,8 @@ class ServerRun:
 
     def state_dict(self) -> dict:
         return {"server": self.server.state_dict(), "cursors": self.cursors.state_dict(),
-                "counters": vars(self.counters).copy(), "local_optimizers": self.local_optimizers, "layout": self.layout,
-                "data_facts": asdict(self.facts), "engine": "flower"}
+                "counters": vars(self.counters).copy(), "local_optimizers": self.local_optimizers,
+                "layout": self.layout, "data_facts": asdict(self.facts), "engine": "flower"}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("engine") != "flower":
@@ -131,7 +134,8 @@ class ServerRun:
         self.cursors.load_state_dict(state["cursors"])
         self.counters = Counters(**state["counters"])
         saved = state.get("local_optimizers")
-        if (saved is None) != (self.local_optimizers is None) or (saved is not None and len(saved) != self.config.clients):
+        if (saved is None) != (self.local_optimizers is None) or (saved is not None
+                                                                  and len(saved) != self.config.clients):
             raise ValueError(f"its local optimizer states ({'none' if saved is None else len(saved)}) do not fit "
                              f"--method {self.config.method} with {self.config.clients} clients")
         self.local_optimizers = None if saved is None else list(saved)

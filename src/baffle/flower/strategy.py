@@ -11,9 +11,10 @@ reply is logged with its node id and dropped), orders the valid replies by parti
 performs exactly the in-process server step of the run's method on the ``ServerRun``:
 ``baffle.rounds.baffle_server_update`` (sample-weighted ΔL sum → ĝ → optimizer step → EMA),
 ``bp_fedsgd_server_update`` (exact gradients) or ``fedavg_server_update`` (epoch-level methods: the
-nodes' trained weights; each partition's returned optimizer state is kept for its next round). A round with fewer than ``min_replies`` valid
-replies keeps the model. One JSON line per round goes to ``rounds.jsonl`` (replies used, dropped with
-reasons, missing nodes and partitions, the aggregated ΔL).
+nodes' trained weights; each partition's returned optimizer state is kept for its next round). A
+round with fewer than ``min_replies`` valid replies keeps the model (and the optimizer states). One
+JSON line per round goes to ``rounds.jsonl`` (replies used, dropped with reasons, missing nodes and
+partitions, the aggregated ΔL of the ``baffle`` method).
 """
 from __future__ import annotations
 
@@ -162,7 +163,8 @@ class BaffleStrategy(FedAvg):
         if run.local_optimizers is None:
             return RecordDict({ARRAYS: arrays, CONFIG: train_config(t, self.plan, batches_taken=taken)})
         config = train_config(t, self.plan, epochs_taken=taken * run.config.local_epochs)
-        return RecordDict({ARRAYS: arrays, CONFIG: config, OPTIMIZER: ArrayRecord(run.local_optimizers[partition] or {})})
+        state = ArrayRecord(run.local_optimizers[partition] or {})
+        return RecordDict({ARRAYS: arrays, CONFIG: config, OPTIMIZER: state})
 
     # ---- clients → server -------------------------------------------------------------------------
 

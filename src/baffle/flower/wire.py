@@ -69,7 +69,8 @@ from baffle.server import ClientReply
 ARRAYS, RAW, CONFIG, REPLY = "arrays", "raw", "config", "baffle"
 GRADIENT, OPTIMIZER = "gradient", "optimizer"
 LOSS_DIFFS, NUM_EXAMPLES, LOSS, PARTITION = "loss-diffs", "num-examples", "loss", "partition-id"
-BATCHES_TAKEN, EPOCHS_TAKEN, LOCAL_STEPS, TRAIN_EXAMPLES = "batches-taken", "epochs-taken", "local-steps", "train-examples"
+BATCHES_TAKEN, EPOCHS_TAKEN, LOCAL_STEPS = "batches-taken", "epochs-taken", "local-steps"
+TRAIN_EXAMPLES = "train-examples"
 FACT_KEYS = {"image_size": "image-size", "in_channels": "in-channels", "num_classes": "num-classes",
              "train_examples": TRAIN_EXAMPLES}
 EVAL_KEYS = ("test_loss", "test_accuracy", "raw_test_loss", "raw_test_accuracy", "val_loss", "val_accuracy")
