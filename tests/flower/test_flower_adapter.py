@@ -181,6 +181,133 @@ def test_server_equals_baffle_train_bit_for_bit(tmp_path, task_identity, config)
     assert len(trains) == sum(map(len, used))  # only the sampled partitions' nodes are sent the model
 
 
+# the other methods, each with the state it must carry: sampling (cursors of unsampled partitions),
+# EMA, SGD momentum / Adam moments of every partition's local optimizer, per-client directions, clipping
+BP = {k: v for k, v in TINY.items() if k != "num_perturbations"}
+OTHER_METHODS = {
+    "bp-fedsgd": {**BP, "method": "bp-fedsgd", "lr": 0.05, "fraction": 0.67, "ema_decay": 0.9, "clip": 0.02},
+    "bp-fedavg": {**BP, "method": "bp-fedavg", "optimizer": "sgd", "momentum": 0.9, "lr": 0.02, "local_epochs": 2,
+                  "fraction": 0.67, "val_per_class": 2},
+    "baffle-fedavg": {**TINY, "method": "baffle-fedavg", "fraction": 0.67, "perturbations": "per-client",
+                      "clip": 0.05},
+}
+METHOD_KEYS = ("round", "epoch", "lr", "forward_passes", "backward_passes", "bytes_up", "bytes_down", "train_loss",
+               *EVAL_KEYS)
+
+
+def assert_same_model_and_metrics(flower_out, reference_out):
+    """model.pt bit for bit, and every metric both runs write (wall time and Flower's reply counts aside)."""
+    a, b = torch.load(flower_out / "model.pt"), torch.load(reference_out / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ours, ref = lines(flower_out / "metrics.jsonl"), lines(reference_out / "metrics.jsonl")
+    assert [{k: m.get(k) for k in METHOD_KEYS} for m in ours] == [{k: m.get(k) for k in METHOD_KEYS} for m in ref]
+
+
+@pytest.mark.parametrize("method", list(OTHER_METHODS))
+def test_server_runs_the_backprop_and_epoch_level_methods_as_baffle_train_bit_for_bit(tmp_path, task_identity,
+                                                                                     method):
+    config = OTHER_METHODS[method]
+    flower_in_memory(config, tmp_path / "flower")
+    train(make_config(config, {"out": str(tmp_path / "ref")}), progress=False)
+    assert_same_model_and_metrics(tmp_path / "flower", tmp_path / "ref")
+    used = [x["partitions"] for x in lines(tmp_path / "flower" / "rounds.jsonl")]
+    assert used == [sample_clients(3, 0.67, 5, t) for t in range(4)] and len(set(map(tuple, used))) > 1
+
+
+def test_epoch_level_resume_carries_every_partitions_optimizer_state(tmp_path, task_identity):
+    """The server keeps each partition's local optimizer state (in its checkpoint too) and sends it with
+    the partition's task: a resumed run ends with the uninterrupted model; a node that dropped the
+    state it was sent would not (the Adam moments of earlier rounds change the steps)."""
+    config = {**OTHER_METHODS["baffle-fedavg"], "rounds": 5, "eval_every": 2}
+    out = tmp_path / "flower"
+
+    def crash_in_round_4(node, msg):
+        if msg.metadata.message_type == "train" and int(msg.content["config"]["server-round"]) == 3:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        flower_in_memory(config, out, fail=crash_in_round_4)
+    ckpt = load_checkpoint(out)
+    assert ckpt["round"] == 2 and all(s is not None for s in ckpt["state"]["local_optimizers"])
+    flower_in_memory(config, out, options={"resume": True})
+    train(make_config(config, {"out": str(tmp_path / "ref")}), progress=False)
+    assert_same_model_and_metrics(out, tmp_path / "ref")
+
+
+def test_epoch_level_node_without_its_optimizer_state_differs(tmp_path, task_identity, monkeypatch):
+    """The oracle above can fail: a node that ignores the state it is sent ends elsewhere."""
+    from baffle.flower import client_app
+
+    monkeypatch.setattr(client_app, "load_optimizer_state", lambda optimizer, flat: None)
+    config = {**OTHER_METHODS["bp-fedavg"], "rounds": 3}
+    flower_in_memory(config, tmp_path / "flower")
+    train(make_config(config, {"out": str(tmp_path / "ref")}), progress=False)
+    a, b = torch.load(tmp_path / "flower" / "model.pt"), torch.load(tmp_path / "ref" / "model.pt")
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_optimizer_state_survives_the_wire_and_continues_the_same_steps():
+    """Adam moved by a few steps, sent as flat arrays into a fresh Adam, then stepped once more, equals
+    the original stepped once more (float32 bit for bit)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    for _ in range(3):
+        model.weight.grad, model.bias.grad = torch.randn(2, 3), torch.randn(2)
+        opt.step()
+    flat = wire.optimizer_state_arrays(opt)
+    assert sorted(flat) == ["0.exp_avg", "0.exp_avg_sq", "0.step", "1.exp_avg", "1.exp_avg_sq", "1.step"]
+    record = ArrayRecord(flat).to_torch_state_dict()  # through Flower's own array record
+    twin = torch.nn.Linear(3, 2)
+    twin.load_state_dict(model.state_dict())
+    opt2 = torch.optim.Adam(twin.parameters(), lr=0.1)
+    wire.load_optimizer_state(opt2, record)
+    g = torch.randn(2, 3), torch.randn(2)
+    for m, o in ((model, opt), (twin, opt2)):
+        m.weight.grad, m.bias.grad = g[0].clone(), g[1].clone()
+        o.step()
+    assert torch.equal(model.weight, twin.weight) and torch.equal(model.bias, twin.bias)
+
+
+GOOD_WEIGHTS, GOOD_STATE = {"w": torch.zeros(2, 3), "b": torch.zeros(2)}, {"0.step": torch.tensor(1.0)}
+
+
+def _update_reply(tensors, optimizer, **metrics):
+    content = {"baffle": MetricRecord({"num-examples": 16, "partition-id": 1, "local-steps": 2, **metrics}),
+               "arrays": ArrayRecord(tensors)}
+    if optimizer is not None:
+        content["optimizer"] = ArrayRecord(optimizer)
+    return RecordDict(content)
+
+
+@pytest.mark.parametrize("tensors, state, metrics, match", [
+    ({"w": torch.zeros(2, 3)}, GOOD_STATE, {}, "must hold 2 tensors"),
+    ({"w": torch.zeros(3, 2), "b": torch.zeros(2)}, GOOD_STATE, {}, "w is torch.float32 (3, 2), expected"),
+    ({"w": torch.full((2, 3), float("inf")), "b": torch.zeros(2)}, GOOD_STATE, {}, "w has non-finite"),
+    (GOOD_WEIGHTS, None, {}, "'optimizer': missing"),
+    (GOOD_WEIGHTS, {"7.exp_avg": torch.zeros(2)}, {}, "not '<parameter index < 2>.<name>'"),
+    (GOOD_WEIGHTS, {"0.exp_avg": torch.full((2, 3), float("nan"))}, {}, "0.exp_avg has non-finite"),
+    (GOOD_WEIGHTS, GOOD_STATE, {"local-steps": 0}, "local-steps=0"),
+])
+def test_malformed_weight_reply_is_a_value_error_naming_the_node(tensors, state, metrics, match):
+    import re
+
+    with pytest.raises(ValueError, match=re.escape(match)) as e:
+        wire.update_from_content(_update_reply(tensors, state, **metrics), node_id=42, key="arrays",
+                                 expected=GOOD_WEIGHTS, num_params=2)
+    assert "node 42" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_weight_reply_round_trips():
+    update = wire.ModelUpdate({k: torch.randn(v.shape) for k, v in GOOD_WEIGHTS.items()}, 48, 0.5, 3,
+                              {"0.exp_avg": torch.randn(2, 3), "0.step": torch.tensor(3.0)})
+    partition, back = wire.update_from_content(wire.update_content("arrays", update, 4), node_id=1, key="arrays",
+                                               expected=GOOD_WEIGHTS, num_params=2)
+    assert partition == 4 and (back.num_examples, back.loss, back.local_steps) == (48, 0.5, 3)
+    assert all(torch.equal(back.tensors[k], update.tensors[k]) for k in GOOD_WEIGHTS)
+    assert all(torch.equal(back.optimizer_state[k], update.optimizer_state[k]) for k in update.optimizer_state)
+
+
 class Crash(BaseException):
     """The server process dying mid-round (nothing in the server may catch it)."""
 
@@ -456,7 +583,8 @@ def test_deploy_cli_flags():
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--method", "bp-fedavg"], "--method bp-fedavg: not available on Flower"),
+    (["--method", "bp-fedavg", "--num-perturbations", "8"], "method 'bp-fedavg' does not use it"),
+    (["--method", "bp-fedsgd", "--aggregator", "median"], "method 'bp-fedsgd' does not use it"),
     (["--nodes", "2", "--min-replies", "5"], "--min-replies 5"),
     (["--nodes", "4", "--fraction", "0.5", "--min-replies", "3"], "samples only 2 of the 4"),
     (["--isolation", "process"], "add --fast-nodes"),

@@ -28,7 +28,10 @@ from baffle.flower.launch import Federation, wait_process  # noqa: E402
 from baffle.flower.runconfig import app_config, write_app  # noqa: E402
 from baffle.flower.watchdog import group_alive, read_groups  # noqa: E402
 from baffle.simulation import sample_clients  # noqa: E402
+from baffle.config import make_config  # noqa: E402
+from baffle.training import train  # noqa: E402
 from test_flower_adapter import in_process  # noqa: E402  (the same in-process reference run)
+from test_flower_adapter import OTHER_METHODS, assert_same_model_and_metrics  # noqa: E402
 
 pytestmark = pytest.mark.flower
 # accelerator tests need the flwr internals it was written against (elsewhere it falls back: tested)
@@ -84,6 +87,19 @@ def test_flower_simulation_samples_clients_and_reproduces_baffle_train_bit_for_b
     rounds = lines(tmp_path / "flower" / "rounds.jsonl")
     assert [x["partitions"] for x in rounds] == [sample_clients(4, 0.5, 1, t) for t in range(3)]
     assert_same_run(tmp_path / "flower", tmp_path / "ref", in_process(config, tmp_path / "ref"))
+
+
+@pytest.mark.parametrize("method", list(OTHER_METHODS))
+def test_flower_simulation_runs_the_backprop_and_epoch_level_methods_as_baffle_train_bit_for_bit(tmp_path, method):
+    """bp-fedsgd (exact gradients up), bp-fedavg and baffle-fedavg (weights and the partition's optimizer
+    state up and down) on Ray's virtual nodes: the model and metrics of ``baffle train``, bit for bit."""
+    config = {**OTHER_METHODS[method], "clients": 2, "fraction": 1.0, "rounds": 2}
+    table = app_config(config, {"out": str(tmp_path / "flower")}, {"round_timeout": 60})
+    summary = deploy(table, 2, engine="simulation", workdir=tmp_path / "work", timeout=300)
+    assert summary["rounds"] == 2
+    assert [x["replies_used"] for x in lines(tmp_path / "flower" / "rounds.jsonl")] == [2, 2]
+    train(make_config(config, {"out": str(tmp_path / "ref")}), progress=False)
+    assert_same_model_and_metrics(tmp_path / "flower", tmp_path / "ref")
 
 
 FAULTY_CLIENT = '''
@@ -190,6 +206,18 @@ def test_flower_deployment_fast_nodes_tls_sampling_and_a_server_without_data(tmp
                     ("test_loss", "test_accuracy", "val_loss", "val_accuracy"))
     logs = [(tmp_path / "work" / "federation" / f"supernode{i}.log").read_text() for i in range(3)]
     assert all("baffle ClientApp runtime serving" in x for x in logs)
+
+
+@fast_only
+def test_flower_deployment_runs_epoch_level_baffle_as_baffle_train_bit_for_bit(tmp_path):
+    """SuperLink + 2 SuperNodes (the accelerator's long-running ClientApps): each round's task carries
+    the partition's Adam state there and back; the model and metrics equal ``baffle train``'s."""
+    config = {**OTHER_METHODS["baffle-fedavg"], "clients": 2, "fraction": 1.0, "rounds": 3}
+    table = app_config(config, {"out": str(tmp_path / "flower")}, {"round_timeout": 60})
+    summary = deploy(table, 2, workdir=tmp_path / "work", timeout=400, fast_nodes=True)
+    assert summary["rounds"] == 3 and summary["fast_nodes"]
+    train(make_config(config, {"out": str(tmp_path / "ref")}), progress=False)
+    assert_same_model_and_metrics(tmp_path / "flower", tmp_path / "ref")
 
 
 def _rounds_done(out) -> int:

@@ -1,5 +1,11 @@
 """The BAFFLE ``ClientApp``: forward passes only; replies with the K-vector ΔL and the example count.
 
+The run's ``method`` selects what a train message computes, with the functions ``baffle train``
+calls (``baffle.rounds``): ``baffle`` the K-vector (``baffle_client_update``), ``bp-fedsgd`` the
+exact gradient on the batch (``bp_gradient``), ``baffle-fedavg`` / ``bp-fedavg`` local epochs from
+the global weights (``baffle_local_training`` / ``bp_local_training``) with the partition's optimizer
+state that the server sends along and gets back (see ``baffle.flower.wire``).
+
 Node config (``flower-supernode --node-config``; the simulation engine sets the first two):
   partition-id    int  which of the run's partitions this node holds (0-based)
   num-partitions  int  must equal the run's ``clients``
@@ -24,6 +30,7 @@ _IMPORT_T0 = trace.process_start_time() if trace.enabled() else 0.0
 
 import hashlib
 import json
+import math
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,9 +49,12 @@ from baffle.data import load_dataset, partition_indices
 from baffle.flower.runconfig import parse_run_config
 from baffle.io import save_torch
 from baffle.flower.serverstate import DataFacts
-from baffle.flower.wire import (ARRAYS, CONFIG, RAW, batches_taken_from_config, describe_content, evaluation_content,
-                                plan_from_config, reply_content)
-from baffle.simulation import ClientShards, build_run_model, evaluate
+from baffle.flower.wire import (ARRAYS, CONFIG, GRADIENT, OPTIMIZER, RAW, ModelUpdate, batches_taken_from_config,
+                                describe_content, epochs_taken_from_config, evaluation_content, load_optimizer_state,
+                                optimizer_state_arrays, plan_from_config, reply_content, update_content)
+from baffle.perturbation import trainable_parameters
+from baffle.server import build_optimizer
+from baffle.simulation import ClientShards, build_run_model, evaluate, optimizer_spec
 
 app = ClientApp()
 if trace.enabled():
@@ -112,6 +122,13 @@ class Worker:
         self.shards.seek(self.partition_id, batches_taken, self.config.batch_size)
         return self.shards.next_batch(self.partition_id, self.config.batch_size)
 
+    def epoch_batches(self, epochs_taken: int) -> list[R.Batch]:
+        """The batches of an epoch-level round in ``baffle train`` after ``epochs_taken`` local epochs
+        (its rounds take whole epochs, so the cursor is then at the start of epoch ``epochs_taken``)."""
+        size = self.config.batch_size
+        self.shards.seek(self.partition_id, epochs_taken * math.ceil(self.num_examples / size), size)
+        return self.shards.epoch_batches(self.partition_id, size, self.config.local_epochs)
+
 
 _DATASET: dict[tuple, tuple] = {}  # the last (dataset, partition) this process built
 
@@ -177,12 +194,43 @@ def client_update(msg: Message, context: Context) -> RecordDict:
     config, node = _node(context)
     worker = worker_for(config, node)
     trace.event("data-ready", node=int(context.node_id))
-    plan = plan_from_config(msg.content[CONFIG])
-    batch = worker.batch(batches_taken_from_config(msg.content[CONFIG]))
+    task = msg.content[CONFIG]
     worker.model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
-    reply = R.baffle_client_update(worker.model, [batch], plan, cross_entropy, node.partition_id)
-    trace.event("compute-done", node=int(context.node_id), round=plan.server_round)
-    return reply_content(reply, node.partition_id)
+    if config.method == "baffle":
+        batch = worker.batch(batches_taken_from_config(task))
+        reply = R.baffle_client_update(worker.model, [batch], plan_from_config(task), cross_entropy,
+                                       node.partition_id)
+        content = reply_content(reply, node.partition_id)
+    elif config.method == "bp-fedsgd":
+        batch = worker.batch(batches_taken_from_config(task))
+        grads, loss = R.bp_gradient(worker.model, batch, cross_entropy)
+        content = update_content(GRADIENT, ModelUpdate(grads, len(batch[1]), loss), node.partition_id)
+    else:
+        content = update_content(ARRAYS, local_training(worker, msg), node.partition_id)
+    trace.event("compute-done", node=int(context.node_id), round=int(task["server-round"]))
+    return content
+
+
+def local_training(worker: Worker, msg: Message) -> ModelUpdate:
+    """An epoch-level round on the node (``worker.model`` holds the global weights): ``baffle train``'s
+    ``Simulation._fedavg`` for one client, its optimizer state loaded from and returned to the server."""
+    config, task = worker.config, msg.content[CONFIG]
+    if OPTIMIZER not in msg.content:
+        raise ValueError(f"train message lacks the {OPTIMIZER!r} record (the partition's optimizer state) that "
+                         f"--method {config.method} needs; sent by a different baffle version?")
+    batches = worker.epoch_batches(epochs_taken_from_config(task))
+    spec = optimizer_spec(config)
+    optimizer = build_optimizer([p for _, p in trainable_parameters(worker.model)], spec)
+    saved = msg.content[OPTIMIZER]
+    load_optimizer_state(optimizer, saved.to_torch_state_dict() if len(saved) else {})
+    if config.method == "baffle-fedavg":
+        seen, loss = R.baffle_local_training(worker.model, batches, plan_from_config(task), cross_entropy, optimizer,
+                                             client_id=worker.partition_id, clip=spec.clip,
+                                             clip_norm_type=spec.clip_norm_type)
+    else:
+        seen, loss = R.bp_local_training(worker.model, batches, cross_entropy, optimizer)
+    weights = {k: v.detach().clone() for k, v in worker.model.state_dict().items()}
+    return ModelUpdate(weights, seen, loss, len(batches), optimizer_state_arrays(optimizer))
 
 
 def node_evaluation(msg: Message, context: Context) -> dict:
@@ -222,4 +270,4 @@ def query(msg: Message, context: Context) -> Message:
     return Message(describe_content(node.partition_id, worker.num_examples, worker.facts), reply_to=msg)
 
 
-__all__ = ["NodeSettings", "Worker", "app", "client_update", "node_evaluation", "worker_for"]
+__all__ = ["NodeSettings", "Worker", "app", "client_update", "local_training", "node_evaluation", "worker_for"]

@@ -5,6 +5,9 @@ hold every client's batch cursor. A federated server must not need the clients' 
 ``ServerRun`` is built from ``DataFacts`` the nodes report (input shape, number of classes, the
 number of training examples over all partitions) and keeps, per client, only the number of rounds
 that have sampled it (``baffle.cursors.SampleCounts``: the cursor the node turns into its batch).
+For the epoch-level methods it also keeps every partition's local optimizer state (opaque tensors
+the node returns with its weights and is sent with its next task: ``baffle train``'s per-client
+optimizers, which are never reset, so that resume and a server without data stay exact).
 It has the attributes ``baffle.training``'s ``record_evaluation`` / ``write_checkpoint`` /
 ``finish_run`` read from a ``Simulation``; its ``evaluate`` runs on a node (set by the ServerApp).
 
@@ -19,22 +22,21 @@ from types import SimpleNamespace
 
 from pathlib import Path
 
-from baffle.config import TrainConfig, flag, make_config
+from baffle.config import FEDAVG_METHODS, METHODS, TrainConfig, flag, make_config
 from baffle.cursors import SampleCounts
 from baffle.perturbation import num_trainable, trainable_parameters
 from baffle.server import ServerState
 from baffle.simulation import Counters, build_run_model, estimator_spec, optimizer_spec
 from baffle.training import CHECKPOINT, RESUMABLE_KEYS, load_checkpoint
 
-FLOWER_METHODS = ("baffle",)
+FLOWER_METHODS = METHODS  # every method of `baffle train`: baffle, baffle-fedavg, bp-fedsgd, bp-fedavg
 
 
 def check_flower_config(config: TrainConfig) -> None:
     """ValueError (one line) for a run config the Flower adapter cannot run."""
     if config.method not in FLOWER_METHODS:
-        raise ValueError(f"--method {config.method}: not available on Flower (only {', '.join(FLOWER_METHODS)}: the "
-                         "epoch-level and backprop methods keep per-client optimizers or send weights/gradients, "
-                         "which the Flower adapter does not implement); run it in-process with `baffle train`")
+        raise ValueError(f"--method {config.method}: not available on Flower (it runs {', '.join(FLOWER_METHODS)}); "
+                         "run it in-process with `baffle train`")
     if config.device != "cpu":
         raise ValueError(f"--device {config.device}: not available on Flower (its clients and server compute on "
                          "the CPU); use cpu, or run on a GPU in-process with `baffle train --device`")
@@ -42,7 +44,8 @@ def check_flower_config(config: TrainConfig) -> None:
         raise ValueError("--memory-format channels_last: not available on Flower (its clients compute in NCHW); "
                          "use nchw")
     on = [name for name, value in (("secure_aggregation", config.secure_aggregation), ("dp_clip", config.dp_clip),
-                                   ("aggregator", config.aggregator != "mean"), ("attack", config.attack)) if value]
+                                   ("aggregator", config.aggregator not in (None, "mean")),
+                                   ("attack", config.attack)) if value]
     if on:
         raise ValueError(f"{flag(on[0])}: not available on Flower yet (secure aggregation, DP, robust aggregators and "
                          "attacks run in-process); run it with `baffle train`")
@@ -89,10 +92,15 @@ class ServerRun:
         self.cursors = SampleCounts(c.clients, c.fraction, c.seed)
         self.counters = Counters()
         self.num_parameters = num_trainable(self.model)
+        self.num_parameter_tensors = len(trainable_parameters(self.model))  # an optimizer state's entries
         self.model_bytes = sum(p.numel() * p.element_size() for _, p in trainable_parameters(self.model))
         self.rounds = c.rounds or math.ceil(c.epochs * self.rounds_per_epoch)
         self.eval_every = c.eval_every or self.rounds_per_epoch
         self.layout = "nchw"  # Flower clients compute in NCHW
+        # epoch-level methods: partition → its local optimizer's state (None until its first round)
+        self.local_optimizers: list[dict | None] | None = None
+        if c.method in FEDAVG_METHODS:
+            self.local_optimizers = [None] * c.clients
         self.evaluator: Callable[[ServerRun], dict] | None = None
 
     def ema_due(self, server_round: int) -> bool:
@@ -112,8 +120,8 @@ class ServerRun:
 
     def state_dict(self) -> dict:
         return {"server": self.server.state_dict(), "cursors": self.cursors.state_dict(),
-                "counters": vars(self.counters).copy(), "local_optimizers": None, "layout": self.layout,
-                "data_facts": asdict(self.facts), "engine": "flower"}
+                "counters": vars(self.counters).copy(), "local_optimizers": self.local_optimizers,
+                "layout": self.layout, "data_facts": asdict(self.facts), "engine": "flower"}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("engine") != "flower":
@@ -125,6 +133,12 @@ class ServerRun:
         self.server.load_state_dict(state["server"])
         self.cursors.load_state_dict(state["cursors"])
         self.counters = Counters(**state["counters"])
+        saved = state.get("local_optimizers")
+        if (saved is None) != (self.local_optimizers is None) or (saved is not None
+                                                                  and len(saved) != self.config.clients):
+            raise ValueError(f"its local optimizer states ({'none' if saved is None else len(saved)}) do not fit "
+                             f"--method {self.config.method} with {self.config.clients} clients")
+        self.local_optimizers = None if saved is None else list(saved)
 
 
 def resume_checkpoint(out: str | Path, config: TrainConfig) -> dict:

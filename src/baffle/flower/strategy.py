@@ -7,11 +7,14 @@ exactly as ``baffle train`` does (``sample_clients`` with the run seed, ``fracti
 and sends each sampled partition's node the global model, the round plan (seed, K, σ, scheme) and
 that partition's batch cursor (``batches-taken``, O(1) from ``ServerRun.cursors``).
 ``aggregate_train`` validates each reply on its own (a failed, malformed, non-finite or unexpected
-reply is logged with its node id and dropped), orders the valid K-vectors by partition id, and
-performs exactly the in-process server step ``baffle.rounds.baffle_server_update`` (sample-weighted
-ΔL sum → ĝ → optimizer step → EMA) on the ``ServerRun``. A round with fewer than ``min_replies`` valid
-replies keeps the model. One JSON line per round goes to ``rounds.jsonl`` (replies used, dropped with
-reasons, missing nodes and partitions, the aggregated ΔL).
+reply is logged with its node id and dropped), orders the valid replies by partition id, and
+performs exactly the in-process server step of the run's method on the ``ServerRun``:
+``baffle.rounds.baffle_server_update`` (sample-weighted ΔL sum → ĝ → optimizer step → EMA),
+``bp_fedsgd_server_update`` (exact gradients) or ``fedavg_server_update`` (epoch-level methods: the
+nodes' trained weights; each partition's returned optimizer state is kept for its next round). A
+round with fewer than ``min_replies`` valid replies keeps the model (and the optimizer states). One
+JSON line per round goes to ``rounds.jsonl`` (replies used, dropped with reasons, missing nodes and
+partitions, the aggregated ΔL of the ``baffle`` method).
 """
 from __future__ import annotations
 
@@ -31,7 +34,9 @@ from baffle import rounds as R
 from baffle.estimator import forward_passes
 from baffle.flower.runconfig import FlowerOptions
 from baffle.flower.serverstate import DataFacts, ServerRun, check_flower_config
-from baffle.flower.wire import ARRAYS, CONFIG, describe_from_content, plan_to_config, reply_from_content
+from baffle.flower.wire import (ARRAYS, CONFIG, GRADIENT, OPTIMIZER, describe_from_content, reply_from_content,
+                                train_config, update_from_content)
+from baffle.perturbation import trainable_parameters
 from baffle.server import check_reply
 
 RETRY_AFTER = 5  # rounds before a node that failed to describe itself is asked again
@@ -99,7 +104,7 @@ class NodeBook:
 
 
 class BaffleStrategy(FedAvg):
-    """FedSGD-style BAFFLE rounds over Flower; the server state lives in ``run`` (a ``ServerRun``)."""
+    """Rounds of the run's method over Flower; the server state lives in ``run`` (a ``ServerRun``)."""
 
     def __init__(self, run: ServerRun, options: FlowerOptions, rounds_log: str | Path | None = None,
                  book: NodeBook | None = None):
@@ -118,8 +123,11 @@ class BaffleStrategy(FedAvg):
 
     def summary(self) -> None:
         c = self.run.config
-        log(INFO, "\t├──> BAFFLE: K=%d sigma=%g scheme=%s, %d partitions, fraction %.2f",
-            c.num_perturbations, c.sigma, c.scheme, c.clients, c.fraction)
+        if c.num_perturbations is None:
+            log(INFO, "\t├──> %s: %d partitions, fraction %.2f", c.method, c.clients, c.fraction)
+        else:
+            log(INFO, "\t├──> %s: K=%d sigma=%g scheme=%s, %d partitions, fraction %.2f",
+                c.method, c.num_perturbations, c.sigma, c.scheme, c.clients, c.fraction)
         log(INFO, "\t└──> min replies per round: %d", self.options.min_replies)
 
     # ---- server → clients -------------------------------------------------------------------------
@@ -129,7 +137,8 @@ class BaffleStrategy(FedAvg):
         """Flower round r is BAFFLE round t = r − 1: the same seed and clients as ``baffle train``."""
         self._t0 = time.perf_counter()
         c, t = self.run.config, server_round - 1
-        self.plan = R.plan_round(c.seed, t, self.run.estimator, c.perturbations)
+        self.plan = None if self.run.estimator is None else R.plan_round(c.seed, t, self.run.estimator,
+                                                                          c.perturbations)
         self.book.refresh(grid, self.options.round_timeout)
         self.sent, self.unserved, messages = {}, [], []
         for partition in self.run.cursors.sampled(t):
@@ -137,15 +146,25 @@ class BaffleStrategy(FedAvg):
             if node is None:
                 self.unserved.append(partition)
                 continue
-            plan = plan_to_config(self.plan, self.run.cursors.taken(partition))
-            messages.append(Message(content=RecordDict({ARRAYS: arrays, CONFIG: plan}),
-                                    message_type=MessageType.TRAIN, dst_node_id=node))
+            messages.append(Message(content=self._task(t, partition, arrays), message_type=MessageType.TRAIN,
+                                    dst_node_id=node))
             self.sent[node] = partition
         if self.unserved:
             log(WARNING, "round %d: no node serves partition(s) %s; continuing without them", server_round,
                 ", ".join(map(str, self.unserved[:20])) + (" ..." if len(self.unserved) > 20 else ""))
-        log(INFO, "configure_train: round %d (seed %d) to %d node(s)", server_round, self.plan.seed, len(messages))
+        log(INFO, "configure_train: round %d (seed %s) to %d node(s)", server_round,
+            "-" if self.plan is None else self.plan.seed, len(messages))
         return messages
+
+    def _task(self, t: int, partition: int, arrays: ArrayRecord) -> RecordDict:
+        """A partition's train message: the weights, the round plan and its cursor (the number of rounds
+        that sampled it before, as batches or local epochs), and its optimizer state in epoch-level methods."""
+        run, taken = self.run, self.run.cursors.taken(partition)
+        if run.local_optimizers is None:
+            return RecordDict({ARRAYS: arrays, CONFIG: train_config(t, self.plan, batches_taken=taken)})
+        config = train_config(t, self.plan, epochs_taken=taken * run.config.local_epochs)
+        state = ArrayRecord(run.local_optimizers[partition] or {})
+        return RecordDict({ARRAYS: arrays, CONFIG: config, OPTIMIZER: state})
 
     # ---- clients → server -------------------------------------------------------------------------
 
@@ -160,38 +179,50 @@ class BaffleStrategy(FedAvg):
                 server_round, node, self.options.round_timeout)
         ordered = [valid[p] for p in sorted(valid)]
         self._used = sorted(valid)
-        diffs = None
-        if len(ordered) >= self.options.min_replies:
-            # per-client directions are derived from the partition id, as in-process
-            by_partition = [dataclasses.replace(valid[p], client_id=p) for p in sorted(valid)]
-            diffs = R.baffle_server_update(self.run.server, by_partition, self.plan,
-                                           weighting=self.run.config.client_weights,
-                                           update_ema=self.run.ema_due(server_round - 1))
+        stepped, diffs = len(ordered) >= self.options.min_replies, None
+        if stepped:
+            diffs = self._server_step(server_round - 1, valid)
         else:
             log(WARNING, "round %d: %d valid repl%s < min-replies %d; model kept unchanged", server_round,
                 len(ordered), "y" if len(ordered) == 1 else "ies", self.options.min_replies)
         self._account(server_round - 1, ordered)
         info = self._round_info(ordered, dropped, missing)
-        self._log_round(server_round, info, dropped, missing, diffs)
+        self._log_round(server_round, info, dropped, missing, stepped, diffs)
         self.last_info = info
         metrics = MetricRecord({"replies-used": info["replies_used"], "replies-dropped": len(dropped),
                                 "replies-missing": len(missing)})
-        return (None if diffs is None else ArrayRecord(self.run.model.state_dict())), metrics
+        return (ArrayRecord(self.run.model.state_dict()) if stepped else None), metrics
+
+    def _server_step(self, t: int, valid: dict):
+        """The in-process server step of the run's method on the valid replies (by partition id);
+        returns the aggregated ΔL for ``baffle`` (None otherwise)."""
+        run, c, parts = self.run, self.run.config, sorted(valid)
+        if c.method == "baffle":  # per-client directions are derived from the partition id, as in-process
+            by_partition = [dataclasses.replace(valid[p], client_id=p) for p in parts]
+            return R.baffle_server_update(run.server, by_partition, self.plan, weighting=c.client_weights,
+                                          update_ema=run.ema_due(t))
+        pairs = [(valid[p].tensors, valid[p].num_examples) for p in parts]
+        if c.method == "bp-fedsgd":
+            R.bp_fedsgd_server_update(run.server, pairs, weighting=c.client_weights, update_ema=run.ema_due(t))
+            return None
+        R.fedavg_server_update(run.server, pairs, c.client_weights)
+        for p in parts:  # kept only for a round that stepped: a round without effect leaves no trace
+            run.local_optimizers[p] = valid[p].optimizer_state
+        return None
 
     def _validate(self, server_round: int, replies: list[Message]) -> tuple[dict, list[dict]]:
         """{partition id: ClientReply} of the usable replies, and [{node, reason}] of the dropped ones."""
-        valid, dropped, expected = {}, [], self.run.estimator.num_directions
+        valid, dropped = {}, []
         for msg in replies:
             node = msg.metadata.src_node_id
             try:
                 if msg.has_error():
                     raise ValueError(f"node {node}: error reply (code {msg.error.code}): {msg.error.reason}")
-                partition, reply = reply_from_content(msg.content, node)
+                partition, reply = self._parse(msg.content, node)
                 if self.sent.get(node) != partition:
                     asked = self.sent.get(node)
                     raise ValueError(f"node {node}: replied for partition {partition}, but "
                                      + ("was not asked this round" if asked is None else f"was asked for {asked}"))
-                check_reply(reply, expected)
                 if partition in valid:
                     raise ValueError(f"node {node}: partition {partition} already answered by another node")
             except ValueError as e:
@@ -202,11 +233,33 @@ class BaffleStrategy(FedAvg):
             valid[partition] = reply
         return valid, dropped
 
+    def _parse(self, content: RecordDict, node: int):
+        """(partition id, ClientReply or ModelUpdate) of a reply; ValueError naming the node if it is unusable."""
+        run = self.run
+        if run.config.method == "baffle":
+            partition, reply = reply_from_content(content, node)
+            check_reply(reply, run.estimator.num_directions)
+            return partition, reply
+        if run.config.method == "bp-fedsgd":
+            return update_from_content(content, node, GRADIENT, dict(trainable_parameters(run.model)))
+        return update_from_content(content, node, ARRAYS, run.model.state_dict(), run.num_parameter_tensors)
+
     def _account(self, t: int, used: list) -> None:
-        """Counters as ``baffle train`` keeps them; count round t in every sampled partition's cursor."""
+        """Counters as ``baffle train`` keeps them (the method's payload: weights + 16 bytes up in the
+        backprop and epoch-level methods, not the optimizer state the server keeps for the nodes);
+        count round t in every sampled partition's cursor."""
         c, run = self.run.config, self.run
-        run.counters.forward_passes += len(used) * forward_passes(c.num_perturbations, c.scheme)
-        run.counters.bytes_up += len(used) * 8 * (run.estimator.num_directions + 2)
+        if c.method == "baffle":
+            run.counters.forward_passes += len(used) * forward_passes(c.num_perturbations, c.scheme)
+            run.counters.bytes_up += len(used) * 8 * (run.estimator.num_directions + 2)
+        else:
+            steps = len(used) if c.method == "bp-fedsgd" else sum(u.local_steps for u in used)
+            if c.method == "baffle-fedavg":
+                run.counters.forward_passes += steps * forward_passes(c.num_perturbations, c.scheme)
+            else:
+                run.counters.forward_passes += steps
+                run.counters.backward_passes += steps
+            run.counters.bytes_up += len(used) * (run.model_bytes + 16)
         run.counters.bytes_down += len(self.sent) * (run.model_bytes + 32)
         run.cursors.advance(t)  # O(m): the in-process cursors advance for every sampled client
 
@@ -218,13 +271,13 @@ class BaffleStrategy(FedAvg):
                 "replies_dropped": len(dropped), "replies_missing": len(missing) + len(self.unserved),
                 "replies_sent": len(self.sent)}
 
-    def _log_round(self, server_round: int, info: dict, dropped: list, missing: list, diffs) -> None:
+    def _log_round(self, server_round: int, info: dict, dropped: list, missing: list, stepped: bool, diffs) -> None:
         if self.rounds_log is None:
             return
-        line = {"round": server_round, "seed": self.plan.seed, **info, "partitions": self._used,
-                "dropped": dropped, "missing_nodes": missing,
+        line = {"round": server_round, "seed": None if self.plan is None else self.plan.seed, **info,
+                "partitions": self._used, "dropped": dropped, "missing_nodes": missing,
                 "unserved_partitions": self.unserved, "round_s": time.perf_counter() - self._t0,
-                "stepped": diffs is not None, "loss_diffs": None if diffs is None else diffs.tolist()}
+                "stepped": stepped, "loss_diffs": None if diffs is None else diffs.tolist()}
         with self.rounds_log.open("a") as f:
             f.write(json.dumps(line) + "\n")
 
