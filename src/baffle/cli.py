@@ -176,6 +176,11 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--out", metavar="DIR", help="also write DIR/report.csv and accuracy plots (PNG)")
     report.add_argument("--targets", default="0.9,0.95", metavar="A,B",
                         help="test accuracies to reach: first round, forward passes and wall time (default 0.9,0.95)")
+    report.add_argument("--up-to-round", type=int, metavar="N",
+                        help="report every run as it stood at round N (its evaluations up to N): an equal budget")
+    report.add_argument("--weights", choices=("evaluated", "raw"), default="evaluated",
+                        help="whose test accuracy: the evaluated weights (the EMA where on; default) or the raw "
+                             "weights (raw_test_accuracy, recorded beside the EMA's)")
     _errors_on_one_line(parser)
     return parser
 
@@ -288,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             from baffle.report import run_report
 
-            return run_report(args.runs, out=args.out, targets=args.targets)
+            return run_report(args.runs, out=args.out, targets=args.targets, up_to_round=args.up_to_round,
+                              weights=args.weights)
         return _train(args)
     except ValueError as e:
         print(f"baffle: error: {_one_line(e)}", file=sys.stderr)

@@ -6,6 +6,12 @@ runs, ``summary.json["config"]``) gives the labels.
 
     rows = build_report(["runs/a", "runs/b"], out="reports/ab", targets=(0.9, 0.95))
     print(markdown_table(rows))
+
+Two selections make runs of different lengths or with EMA comparable: ``up_to_round=N`` reports every
+run as it stood at its last evaluation at or before round N (an equal budget), and ``weights="raw"``
+reports the un-averaged weights' test accuracy (``raw_test_accuracy``, recorded beside the EMA's) in
+place of the evaluated weights'. With ``ema_every = "epoch"`` the evaluated weights move only at
+epoch ends, so a 1-epoch run's evaluated curve is flat until its last round; the raw curve is not.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ PLOTS = (
     ("accuracy_vs_bytes_up.png", "bytes_up", "bytes uploaded", "cumulative, all clients"),
 )
 OUTPUTS = (CSV_FILE, *(plot[0] for plot in PLOTS))
+WEIGHTS = ("evaluated", "raw")
 
 
 @dataclass(frozen=True)
@@ -41,21 +48,29 @@ class Run:
 
 
 def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
-                 targets: Sequence[float] = DEFAULT_TARGETS) -> list[dict]:
+                 targets: Sequence[float] = DEFAULT_TARGETS, *, up_to_round: int | None = None,
+                 weights: str = "evaluated") -> list[dict]:
     """One row of raw values per run folder (see ``columns``). With ``out``, also write
     ``out/report.csv`` and the three accuracy plots (``OUTPUTS``). Every folder is read and every file
-    rendered before anything is written, so bad input leaves no partial outputs (``ValueError``)."""
+    rendered before anything is written, so bad input leaves no partial outputs (``ValueError``).
+    ``up_to_round`` and ``weights`` select what is reported (module docstring)."""
     targets = check_targets(targets)
+    if weights not in WEIGHTS:
+        raise ValueError(f"--weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
+    if up_to_round is not None and (isinstance(up_to_round, bool) or not isinstance(up_to_round, int)
+                                    or up_to_round < 0):
+        raise ValueError(f"--up-to-round {up_to_round!r}: expected a round number >= 0")
     if not run_dirs:
         raise ValueError("no run folders given; pass the --out folders of `baffle train` runs")
-    runs = [load_run(d) for d in run_dirs]
+    runs = [select(load_run(d), up_to_round=up_to_round, weights=weights) for d in run_dirs]
     names = [r.path.name for r in runs]
     if len(set(names)) < len(names):  # two folders with the same name: label them by their full path
         names = [str(r.path) for r in runs]
     rows = [summarize(run, name, targets) for run, name in zip(runs, names)]
     if out is not None:
         files = {CSV_FILE: csv_text(rows).encode()}
-        files.update({plot[0]: _plot(runs, names, *plot[1:]) for plot in PLOTS})
+        ylabel = "test accuracy of the raw weights (%)" if weights == "raw" else "test accuracy (%)"
+        files.update({plot[0]: _plot(runs, names, *plot[1:], ylabel=ylabel) for plot in PLOTS})
         out = Path(out)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file, not a folder; choose another --out")
@@ -89,6 +104,37 @@ def load_run(run_dir: str | Path) -> Run:
     summary = _read_json(path / SUMMARY)
     config = _read_json(path / CONFIG) or (summary or {}).get("config") or {}
     return Run(path, metrics, config, summary)
+
+
+def select(run: Run, *, up_to_round: int | None = None, weights: str = "evaluated") -> Run:
+    """The run as of round ``up_to_round`` (its evaluations at or before it; not finished then unless it
+    ended there) and, with ``weights="raw"``, with the raw weights' test loss and accuracy as the test
+    columns. A run without EMA evaluates its raw weights: its test columns are kept. ``ValueError``
+    when a run has no evaluation in the selection or recorded no raw accuracy while EMA was on."""
+    metrics, summary = run.metrics, run.summary
+    if up_to_round is not None:
+        metrics = [m for m in metrics if m["round"] <= up_to_round]
+        if not metrics:
+            raise ValueError(f"run folder {run.path}: no evaluation at or before round {up_to_round} "
+                             f"(its first is at round {run.metrics[0]['round']}); raise --up-to-round")
+        if len(metrics) < len(run.metrics):
+            summary = None  # it had not finished by then
+    if weights == "raw":
+        ema = run.config.get("ema_decay") is not None
+        raw = []
+        for m in metrics:
+            m = dict(m)
+            if _is_number(m.get("raw_test_accuracy")):
+                m["test_accuracy"], m["test_loss"] = m["raw_test_accuracy"], m.get("raw_test_loss")
+            elif ema or not run.config:
+                raise ValueError(f"run folder {run.path}: the evaluation of round {m['round']} has no "
+                                 "raw_test_accuracy (an EMA run recorded before raw evaluations, or a run "
+                                 "without config.json); report it with --weights evaluated")
+            for key in ("val_accuracy", "val_loss"):  # validation scores the evaluated weights only
+                m.pop(key, None)
+            raw.append(m)
+        metrics = raw
+    return Run(run.path, metrics, run.config, summary)
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -253,7 +299,8 @@ def _duration(s: float) -> str:
     return f"{int(s // 3600)} h {s % 3600 / 60:02.0f} min"
 
 
-def _plot(runs: list[Run], names: list[str], key: str, label: str, note: str) -> bytes:
+def _plot(runs: list[Run], names: list[str], key: str, label: str, note: str, *,
+          ylabel: str = "test accuracy (%)") -> bytes:
     """Test accuracy against ``key``, one line per run, as PNG bytes (Agg, no pyplot global state).
     The x-axis is logarithmic when the positive values span two decades or more (zeros then left out)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -273,7 +320,7 @@ def _plot(runs: list[Run], names: list[str], key: str, label: str, note: str) ->
         ax.set_xscale("log")
     note = "; ".join(n for n in (note, "log scale" if log else "") if n)
     ax.set_xlabel(f"{label} ({note})" if note else label)
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(f"Test accuracy vs {label}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
@@ -282,9 +329,11 @@ def _plot(runs: list[Run], names: list[str], key: str, label: str, note: str) ->
     return buf.getvalue()
 
 
-def run_report(run_dirs: Sequence[str], out: str | None = None, targets: str = "0.9,0.95") -> int:
+def run_report(run_dirs: Sequence[str], out: str | None = None, targets: str = "0.9,0.95", *,
+               up_to_round: int | None = None, weights: str = "evaluated") -> int:
     """``baffle report``: print the Markdown table, then the paths written under ``out``."""
-    rows = build_report(run_dirs, out=out, targets=check_targets(targets))
+    rows = build_report(run_dirs, out=out, targets=check_targets(targets), up_to_round=up_to_round,
+                        weights=weights)
     print(markdown_table(rows))
     if out is not None:
         print()
