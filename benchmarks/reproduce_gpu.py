@@ -5,6 +5,8 @@
     python benchmarks/reproduce_gpu.py --run ROW [ROW ...]    # CPU, results/<row>/ (resumes, skips finished)
     python benchmarks/reproduce_gpu.py --run all --device cuda --jobs 1   # one GPU, every row at full length
     python benchmarks/reproduce_gpu.py --stash                # copy unfinished rows' checkpoints to resume/
+    python benchmarks/reproduce_gpu.py --figures              # docs/figures/reproduction/<comparison>/ (plots)
+    python benchmarks/reproduce_gpu.py --update-doc           # the table into docs/REPRODUCTION.md, and --figures
 
 `--stash` is for machines that keep only what git tracks between sessions: it copies the checkpoint of
 every unfinished row to resume/<row>.pt (a folder meant to be committed while rows are in flight, and
@@ -96,6 +98,65 @@ ROWS = (
 BY_NAME = {row.name: row for row in ROWS}
 
 
+@dataclass(frozen=True)
+class Figure:
+    """One comparison of docs/REPRODUCTION.md: `baffle report` over some rows, written to
+    docs/figures/reproduction/<name>/; ``plot`` is the PNG the document shows."""
+
+    name: str
+    rows: tuple[str, ...]
+    plot: str = "accuracy_vs_round.png"
+    up_to_round: int | None = None
+    weights: str = "evaluated"
+
+
+MAIN = "mnist-lenet-fedsgd-per-client"
+EPOCH = 172  # FedSGD rounds per MNIST epoch: the reduced budget of the departures and ablations
+FIGURES = (
+    Figure("main", (MAIN, "mnist-lenet-fedsgd-shared", "mnist-lenet-fedavg-per-client", "mnist-lenet-bp-fedsgd",
+                    "mnist-lenet-bp-fedavg"), plot="accuracy_vs_forward_passes.png"),
+    Figure("main-raw", (MAIN, "mnist-lenet-fedsgd-shared", "mnist-lenet-fedavg-per-client"),
+           plot="accuracy_vs_forward_passes.png", weights="raw"),
+    Figure("recommended", (MAIN, "mnist-lenet-fedsgd-recommended", "mnist-lenet-bp-fedsgd"),
+           plot="accuracy_vs_forward_passes.png"),
+    Figure("departures", (MAIN, "dep-normalize-mean-std", "dep-adam-betas-default", "dep-clip-server",
+                          "dep-ema-every-round"), up_to_round=EPOCH, weights="raw"),
+    Figure("guidelines", (MAIN, "abl-no-ema", "abl-relu", "abl-selu", "abl-central-k50"), up_to_round=EPOCH,
+           weights="raw"),
+    Figure("num-perturbations", ("abl-k50", MAIN, "abl-k200", "abl-k500"), up_to_round=EPOCH, weights="raw"),
+    Figure("non-iid", (MAIN, "abl-dirichlet-1.0", "abl-dirichlet-0.1", "mnist-lenet-bp-fedsgd",
+                       "abl-bp-dirichlet-1.0", "abl-bp-dirichlet-0.1"), up_to_round=EPOCH, weights="raw"),
+)
+FIGURE_ROOT = "docs/figures/reproduction"
+
+
+def write_figures(out_root: str = "results") -> int:
+    """Every comparison's report.csv and plots, over the rows whose record has what it shows (others are
+    left out, with the reason printed: not run yet, or begun before raw accuracies were recorded)."""
+    from baffle.report import build_report
+
+    for fig in FIGURES:
+        folders = []
+        for name in fig.rows:
+            folder = ROOT / out_root / name
+            if not (folder / "metrics.jsonl").exists():
+                continue
+            try:
+                build_report([folder], up_to_round=fig.up_to_round, weights=fig.weights)
+            except ValueError as e:
+                print(f"{fig.name}: left out {name}: {e}")
+                continue
+            folders.append(folder)
+        target = ROOT / FIGURE_ROOT / fig.name
+        if not folders:
+            print(f"{fig.name}: no row has a record yet; skipped")
+            continue
+        build_report(folders, out=target, up_to_round=fig.up_to_round, weights=fig.weights)
+        print(f"{fig.name}: {len(folders)} of {len(fig.rows)} rows -> {target.relative_to(ROOT)}/{fig.plot}",
+              flush=True)
+    return 0
+
+
 TABLE_HEADER = ("| row | group | rounds | final test acc. | test acc. at best val (round) | raw test acc. "
                 "| fwd passes ≥ 90 % | fwd passes ≥ 95 % | wall time | paper |")
 
@@ -129,6 +190,21 @@ def results_table(out_root: str = "results") -> str:
         cells = table_cells(row, out_root) or ["not run yet"] + [""] * 6
         lines.append(f"| `{row.name}` | {row.group} | " + " | ".join(cells) + f" | {row.paper} |")
     return "\n".join(lines)
+
+
+DOC = ROOT / "docs" / "REPRODUCTION.md"
+TABLE_BEGIN, TABLE_END = "<!-- table:begin -->\n", "\n<!-- table:end -->"
+
+
+def update_doc(out_root: str = "results") -> None:
+    """Replace the table between the document's markers with ``results_table`` (the prose is left alone)."""
+    text = DOC.read_text()
+    if text.count(TABLE_BEGIN) != 1 or text.count(TABLE_END) != 1:
+        raise SystemExit(f"reproduce_gpu: {DOC.relative_to(ROOT)} must hold one {TABLE_BEGIN.strip()} and one "
+                         f"{TABLE_END.strip()} marker")
+    head, rest = text.split(TABLE_BEGIN)
+    DOC.write_text(head + TABLE_BEGIN + results_table(out_root) + TABLE_END + rest.split(TABLE_END, 1)[1])
+    print(f"table written into {DOC.relative_to(ROOT)}")
 
 
 def smoke_flags(row: Row) -> list[str]:
@@ -203,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--run", nargs="+", metavar="ROW", help="row names, or 'all'")
     mode.add_argument("--table", action="store_true", help="the results table of docs/REPRODUCTION.md, from results/")
     mode.add_argument("--stash", action="store_true", help="copy unfinished rows' checkpoints to resume/<row>.pt")
+    mode.add_argument("--figures", action="store_true", help=f"the comparisons' plots, into {FIGURE_ROOT}/")
+    mode.add_argument("--update-doc", action="store_true",
+                      help="write the table into docs/REPRODUCTION.md (between its table markers), then --figures")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--direction-stream", default=None, choices=("mt19937", "philox"),
                    help="append --direction-stream to the BAFFLE rows (default: each config's own)")
@@ -218,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.stash:
         return stash(ROOT / a.out_root)
+    if a.figures:
+        return write_figures(a.out_root)
+    if a.update_doc:
+        update_doc(a.out_root)
+        return write_figures(a.out_root)
     if a.device == "cuda" and not _has_device_flag():
         print("reproduce_gpu: the installed `baffle train` has no --device flag yet (the GPU engine); "
               "run on the CPU or install a baffle that has it", file=sys.stderr)

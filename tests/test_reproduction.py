@@ -40,7 +40,8 @@ def _doc_rows() -> dict[str, list[str]]:
 
 
 def _table_block() -> str:
-    return DOC.read_text().split("<!-- table:begin -->\n")[1].split("\n<!-- table:end -->")[0]
+    script = _script()
+    return DOC.read_text().split(script.TABLE_BEGIN)[1].split(script.TABLE_END)[0]
 
 
 def _records(folder: Path) -> list[dict]:
@@ -55,7 +56,7 @@ def test_every_row_is_in_the_table_and_its_command_is_quoted_verbatim():
 
 
 def test_table_numbers_match_the_records_they_cite():
-    """Rounds and accuracies against the JSON files; regenerate with `reproduce_gpu.py --table`."""
+    """Rounds and accuracies against the JSON files; regenerate with `reproduce_gpu.py --update-doc`."""
     checked = 0
     for name, cells in _doc_rows().items():
         folder = ROOT / "results" / name
@@ -80,7 +81,38 @@ def test_table_numbers_match_the_records_they_cite():
 def test_results_table_block_is_current():
     """The whole table equals what the script prints from results/ today."""
     assert _table_block() == _script().results_table(), \
-        "docs/REPRODUCTION.md's table is stale: paste `python benchmarks/reproduce_gpu.py --table` into it"
+        "docs/REPRODUCTION.md's table is stale: run `python benchmarks/reproduce_gpu.py --update-doc`"
+
+
+def test_figures_are_embedded_and_current():
+    """Every comparison's plot is shown in the document, and its report.csv holds exactly the rows with a
+    usable record, each at the accuracy re-read from its metrics.jsonl under the comparison's selection
+    (last evaluation at or before ``up_to_round``; ``raw_test_accuracy`` for the raw weights of an EMA run).
+    Regenerate with `reproduce_gpu.py --figures`."""
+    import csv
+
+    script, text = _script(), DOC.read_text()
+    for fig in script.FIGURES:
+        folder = ROOT / script.FIGURE_ROOT / fig.name
+        link = f"(figures/reproduction/{fig.name}/{fig.plot})"
+        assert link in text, f"docs/REPRODUCTION.md does not show {link}"
+        assert (folder / fig.plot).read_bytes().startswith(b"\x89PNG"), fig.name
+        with (folder / "report.csv").open() as f:
+            shown = {r["run"]: r for r in csv.DictReader(f)}
+        expected = {}
+        for name in fig.rows:
+            path = ROOT / "results" / name / "metrics.jsonl"
+            if not path.exists():
+                continue
+            recs = [r for r in _records(path.parent) if fig.up_to_round is None or r["round"] <= fig.up_to_round]
+            ema = json.loads((path.parent / "config.json").read_text()).get("ema_decay") is not None
+            key = "raw_test_accuracy" if fig.weights == "raw" and ema else "test_accuracy"  # no EMA: raw evaluated
+            if recs and all(key in r for r in recs):
+                expected[name] = (recs[-1]["round"], recs[-1][key])
+        assert set(shown) == set(expected), f"{fig.name}: stale, run `reproduce_gpu.py --figures`"
+        for name, (rounds, acc) in expected.items():
+            assert int(shown[name]["rounds_done"]) == rounds, (fig.name, name)
+            assert float(shown[name]["final_test_accuracy"]) == acc, (fig.name, name)
 
 
 def test_device_and_stream_flags_reach_every_rows_command(tmp_path, monkeypatch):
