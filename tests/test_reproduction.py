@@ -118,6 +118,7 @@ def test_figures_are_embedded_and_current():
 def test_device_and_stream_flags_reach_every_rows_command(tmp_path, monkeypatch):
     script = _script()
     seen = []
+    monkeypatch.setattr(script, "STASH", tmp_path / "no-stash")  # not the repository's resume/ checkpoints
     monkeypatch.setattr(script.subprocess, "run", lambda cmd, **kw: seen.append(cmd) or
                         subprocess.CompletedProcess(cmd, 0))
     for row in (script.BY_NAME["abl-relu"], script.BY_NAME["mnist-lenet-bp-fedsgd"]):
