@@ -17,6 +17,25 @@ def _two_threads():
     torch.set_num_threads(old)
 
 
+@pytest.fixture
+def interrupt_round(monkeypatch):
+    """``interrupt_round(n)``: from now on a run raises KeyboardInterrupt (Ctrl-C) as round n starts;
+    ``interrupt_round(None)`` gives the runs their real rounds back."""
+    from baffle import simulation
+
+    real = simulation.Simulation.run_round
+
+    def arm(at: int | None) -> None:
+        def run_round(self, server_round):
+            if server_round == at:
+                raise KeyboardInterrupt
+            return real(self, server_round)
+
+        monkeypatch.setattr(simulation.Simulation, "run_round", real if at is None else run_round)
+
+    return arm
+
+
 def flat(tensors) -> torch.Tensor:
     values = tensors.values() if isinstance(tensors, dict) else tensors
     return torch.cat([t.detach().flatten() for t in values])

@@ -105,20 +105,38 @@ def test_every_module_has_a_layer_and_every_layer_a_module():
                                  f"LAYERS entries without a module: {sorted(set(LAYERS) - tops)}")
 
 
+def _absolute_imports(path):
+    """The top-level packages a file imports by absolute name (``import a.b`` / ``from a.b import c``: a)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            yield node.module.split(".")[0]
+
+
 def test_dependency_direction_and_flwr_confinement():
     bad = []
     for path in SRC.rglob("*.py"):
         top = path.relative_to(SRC).parts[0].removesuffix(".py")
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-            if any(n.split(".")[0] == "flwr" for n in names) and top != "flower":
-                bad.append(f"{path.name} imports flwr")
+        if "flwr" in _absolute_imports(path) and top != "flower":
+            bad.append(f"{path.name} imports flwr")
     for mod, targets in _import_graph().items():
         for target in targets:
             low, high = _layer(mod), _layer(target)
             if low in LAYERS and high in LAYERS and LAYERS[high] > LAYERS[low]:
                 bad.append(f"{mod} imports {target}")
+    assert not bad, bad
+
+
+def test_secure_is_a_self_contained_pure_layer():
+    """baffle.secure (DESIGN.md §2) imports no other baffle module, nor flwr, nor the global-state
+    ``random`` module."""
+    secure = {m: path for m, path in _modules().items() if _layer(m) == "secure"}
+    assert len(secure) >= 10
+    graph = _import_graph()
+    bad = [f"{m} imports {t}" for m in secure for t in graph[m] if _layer(t) != "secure"]
+    bad += [f"{m} imports {top}" for m, path in secure.items() for top in _absolute_imports(path)
+            if top in ("flwr", "random")]
     assert not bad, bad
 
 

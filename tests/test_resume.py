@@ -135,60 +135,39 @@ def test_rounds_smaller_is_refused_larger_extends_and_summary_matches(tmp_path, 
     assert json.loads((out / "summary.json").read_text())["rounds"] == 12
 
 
-def test_an_extension_in_progress_has_no_stale_summary(tmp_path, monkeypatch):
+def test_an_extension_in_progress_has_no_stale_summary(tmp_path, interrupt_round):
     out = tmp_path / "run"
     assert _train(out, "--rounds", "4", "--eval-every", "2", "--threads", "1") == 0
-    real = simulation.Simulation.run_round
-
-    def interrupted(self, server_round):
-        if server_round == 5:
-            raise KeyboardInterrupt
-        return real(self, server_round)
-
-    monkeypatch.setattr(simulation.Simulation, "run_round", interrupted)
+    interrupt_round(5)
     assert main(["train", "--out", str(out), "--resume", "--rounds", "8", "--no-progress"]) == 130
     assert not (out / "summary.json").exists()  # the run is in progress again
-    monkeypatch.setattr(simulation.Simulation, "run_round", real)
+    interrupt_round(None)
     assert main(["train", "--out", str(out), "--resume", "--rounds", "8", "--no-progress"]) == 0
     assert json.loads((out / "summary.json").read_text())["rounds"] == 8
 
 
-def test_checkpoint_between_evaluations_resumes_bit_identically(tmp_path, monkeypatch):
+def test_checkpoint_between_evaluations_resumes_bit_identically(tmp_path, interrupt_round):
     args = ["--rounds", "7", "--eval-every", "100", "--threads", "1", "--checkpoint-every", "3"]
     assert _train(tmp_path / "full", *args) == 0
-    real = simulation.Simulation.run_round
-
-    def killed(self, server_round):
-        if server_round == 4:  # rounds 1-4 done, checkpoint after round 3
-            raise KeyboardInterrupt
-        return real(self, server_round)
-
     part = tmp_path / "part"
-    monkeypatch.setattr(simulation.Simulation, "run_round", killed)
+    interrupt_round(4)  # rounds 1-3 done (checkpoint after round 3), Ctrl-C as round 4 starts
     assert _train(part, *args) == 130
     assert _ckpt(part)["round"] == 3 and len(_strip(part, "rounds.jsonl")) == 4
-    monkeypatch.setattr(simulation.Simulation, "run_round", real)
+    interrupt_round(None)
     assert main(["train", "--out", str(part), "--resume", "--no-progress"]) == 0
     assert (tmp_path / "full" / "model.pt").read_bytes() == (part / "model.pt").read_bytes()
     assert _strip(tmp_path / "full", "rounds.jsonl") == _strip(part, "rounds.jsonl")  # round 4 redone once
     assert _strip(tmp_path / "full") == _strip(part)
 
 
-def test_ending_at_a_checkpoint_between_evaluations_evaluates_that_round(tmp_path, monkeypatch):
+def test_ending_at_a_checkpoint_between_evaluations_evaluates_that_round(tmp_path, interrupt_round):
     """Killed after a checkpoint at round 4 (no evaluation there), resumed with --rounds 4: the summary
     and metrics describe the round-4 model."""
     args = ["--eval-every", "100", "--threads", "1", "--checkpoint-every", "4"]
-    real = simulation.Simulation.run_round
-
-    def killed(self, server_round):
-        if server_round == 4:
-            raise KeyboardInterrupt
-        return real(self, server_round)
-
     out = tmp_path / "run"
-    monkeypatch.setattr(simulation.Simulation, "run_round", killed)
+    interrupt_round(4)
     assert _train(out, "--rounds", "6", *args) == 130
-    monkeypatch.setattr(simulation.Simulation, "run_round", real)
+    interrupt_round(None)
     assert _ckpt(out)["round"] == 4
     assert main(["train", "--out", str(out), "--resume", "--rounds", "4", "--no-progress"]) == 0
     assert _train(tmp_path / "four", "--rounds", "4", *args) == 0

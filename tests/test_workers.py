@@ -174,15 +174,8 @@ def test_a_failing_worker_stops_the_run_with_its_error_and_keeps_what_was_writte
     assert main(["train", "--out", str(out), "--resume", "--rounds", "4", "--workers", "2", "--no-progress"]) == 0
 
 
-def test_the_pool_is_shut_down_on_keyboard_interrupt(tmp_path, monkeypatch):
-    real = simulation.Simulation.run_round
-
-    def run_round(self, r):
-        if r == 1:
-            raise KeyboardInterrupt
-        return real(self, r)
-
-    monkeypatch.setattr(simulation.Simulation, "run_round", run_round)
+def test_the_pool_is_shut_down_on_keyboard_interrupt(tmp_path, interrupt_round):
+    interrupt_round(1)
     config = make_config(MLP, {"rounds": 3, "out": str(tmp_path / "run")})
     with pytest.raises(KeyboardInterrupt):
         train(config, progress=False, options=RunOptions(threads=1, workers=2))
