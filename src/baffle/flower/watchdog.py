@@ -55,21 +55,26 @@ def group_alive(pgid: int) -> bool:
     return not os.path.isdir("/proc")
 
 
+def _terminate(send, targets: list[int], alive, grace: float) -> None:
+    """``send(t, SIGTERM)`` to every target, up to ``grace`` seconds while ``alive()`` lists any, then
+    ``send(t, SIGKILL)`` to those ``alive()`` still lists (targets already gone are skipped quietly)."""
+    def signal_all(sig, ts):
+        for t in ts:
+            try:
+                send(t, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    signal_all(signal.SIGTERM, targets)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and alive():
+        time.sleep(0.2)
+    signal_all(signal.SIGKILL, alive())
+
+
 def end_groups(groups: list[int], grace: float) -> None:
     """SIGTERM each group, up to ``grace`` seconds for them to go, then SIGKILL the rest."""
-    for pgid in groups:
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(group_alive(g) for g in groups):
-        time.sleep(0.2)
-    for pgid in groups:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    _terminate(os.killpg, groups, lambda: [g for g in groups if group_alive(g)], grace)
 
 
 def marked_pids(marker: str) -> list[int]:
@@ -94,21 +99,7 @@ def marked_pids(marker: str) -> list[int]:
 
 def end_marked(marker: str, grace: float) -> None:
     """SIGTERM every process carrying ``marker``, up to ``grace`` seconds for them to go, then SIGKILL."""
-    pids = marked_pids(marker)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
-    deadline = time.monotonic() + grace
-    while pids and time.monotonic() < deadline:
-        time.sleep(0.2)
-        pids = marked_pids(marker)
-    for pid in marked_pids(marker):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    _terminate(os.kill, marked_pids(marker), lambda: marked_pids(marker), grace)
 
 
 def main(argv: list[str] | None = None) -> None:
