@@ -7,7 +7,10 @@ published IID split gives every client the same number of examples, and DP requi
 The DP clip C and the norm-bound B are both the median ‖ΔL_c‖₂ of the honest clients at the initial
 model, measured in round 1 before any training (printed and written with the table). z for each ε is
 calibrated with dp-accounting (RDP, q = 1: every client every round, δ = 1e-5) for the planned rounds.
-Each row is a ``baffle train`` run in OUT/ROW; a row whose summary.json exists is read, not rerun.
+Each row is a ``baffle train`` run in OUT/ROW (default results/privacy-table/ROW, whose records --
+config.json, metrics.jsonl, summary.json -- are kept in the repository; checkpoints are not); a row whose
+summary.json exists is read, not rerun, and one with a checkpoint resumes, so the table can be built over
+several sessions.
 
   python benchmarks/privacy_table.py --data-dir ../shared/datasets                  # the table
   python benchmarks/privacy_table.py --data-dir ../shared/datasets --list           # the rows' commands
@@ -145,7 +148,7 @@ def main(argv=None) -> None:
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=Path("runs/privacy-table"))
+    p.add_argument("--out", type=Path, default=Path("results/privacy-table"))
     p.add_argument("--table", type=Path, default=Path("benchmarks/results/privacy_table.md"))
     p.add_argument("--list", action="store_true", help="print each row's baffle train command and stop")
     args = p.parse_args(argv)
